@@ -1,0 +1,152 @@
+"""The studio's command line: one subcommand per technique, flags = settings fields.
+
+    python -m studio txt2img --model toy-sd --prompt "a red circle on the left" --out out.png
+    python -m studio txt2img --prompts-file prompts.txt --out-dir outs/
+    python -m studio models
+
+Errors a user can cause end the program with exit status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+MAX_PROMPTS = 10_000
+
+
+class CliError(Exception):
+    pass
+
+
+def lora_arg(text: str):
+    from .models import LoraRef
+
+    source, sep, weight = text.rpartition(":")
+    if not sep or not source:
+        return LoraRef(text, 1.0)
+    try:
+        return LoraRef(source, float(weight))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora takes PATH[:WEIGHT], not {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", help="where gallery.db and images/ live (default ./data)")
+    common.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser = argparse.ArgumentParser(
+        prog="python -m studio", description="Latent Studio from the command line"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("txt2img", help="text to image", parents=[common])
+    t.add_argument("--model", default="toy-sd")
+    what = t.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt")
+    what.add_argument("--prompts-file", type=Path, help="one prompt a line; writes 0000.png, 0001.png, ...")
+    t.add_argument("--negative-prompt", default="")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--steps", type=int)
+    t.add_argument("--guidance", type=float)
+    t.add_argument("--width", type=int)
+    t.add_argument("--height", type=int)
+    t.add_argument("--scheduler")
+    t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="PATH[:WEIGHT]")
+    t.add_argument("--shift", type=float)
+    t.add_argument("--refiner")
+    t.add_argument("--refiner-fraction", type=float, default=0.8)
+    t.add_argument("--out", type=Path, help="output PNG (with --prompt)")
+    t.add_argument("--out-dir", type=Path, help="output folder (with --prompts-file, or for a batch)")
+    t.add_argument("--no-gallery", action="store_true", help="do not store into the gallery")
+
+    sub.add_parser("models", help="list the catalog", parents=[common])
+    return parser
+
+
+def txt2img_command(args, studio) -> int:
+    from .pngmeta import write_png
+    from .service import infotext
+    from .txt2img import Txt2ImgSettings
+
+    if args.prompt is not None:
+        prompts = [args.prompt]
+        if not args.out and not args.out_dir:
+            raise CliError("give --out FILE.png (or --out-dir DIR)")
+    else:
+        if not args.out_dir:
+            raise CliError("--prompts-file needs --out-dir DIR")
+        try:
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"cannot read {args.prompts_file}: {exc}") from None
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise CliError(f"{args.prompts_file} has no prompts")
+        if len(prompts) > MAX_PROMPTS:
+            raise CliError(f"{args.prompts_file} has {len(prompts)} prompts; at most {MAX_PROMPTS}")
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for prompt in prompts:
+        settings = Txt2ImgSettings(
+            prompt=prompt,
+            model=args.model,
+            negative_prompt=args.negative_prompt,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=args.guidance,
+            width=args.width,
+            height=args.height,
+            scheduler=args.scheduler,
+            batch_size=args.batch_size,
+            loras=tuple(args.lora),
+            shift=args.shift,
+            refiner=args.refiner,
+            refiner_fraction=args.refiner_fraction,
+        )
+        result, _ = studio.txt2img(settings, store=not args.no_gallery)
+        for index, image in enumerate(result.images):
+            if args.out and len(prompts) == 1 and len(result.images) == 1:
+                path = args.out
+            else:
+                path = args.out_dir / f"{written:04d}.png"
+            s = result.image_settings(index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_png(path, image, infotext(s, result.family), s.to_dict())
+            print(f"{path}\tseed {s.seed}")
+            written += 1
+    return 0
+
+
+def models_command(_args, studio) -> int:
+    for spec in studio.models.catalog.values():
+        print(f"{spec.name:20s} {spec.kind:8s} {spec.family:12s} {spec.source}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .gallery import GalleryError
+    from .models import ModelError, ModelManager
+    from .service import Paths, Studio
+    from .settings import SettingsError
+
+    studio = Studio(Paths.from_env(args.data_dir), ModelManager(device=args.device))
+    commands = {"txt2img": txt2img_command, "models": models_command}
+    try:
+        return commands[args.command](args, studio)
+    except (CliError, SettingsError, ModelError, GalleryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing half-made was stored", file=sys.stderr)
+        return 130
+    finally:
+        studio.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

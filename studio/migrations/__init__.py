@@ -1,0 +1,1 @@
+"""Alembic migrations for the gallery database (run from code by :mod:`studio.gallery`)."""

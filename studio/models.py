@@ -1,0 +1,457 @@
+"""The model manager: the only code that loads, moves, caches and evicts weights.
+
+* A catalog (`catalog.json`) names models; a hub id, a local diffusers folder or a single
+  `.safetensors` file works too. Weights load from safetensors only: pickles are refused.
+* Device and dtype policy: cuda, then mps, then cpu; fp16 (bf16 for SD3 / FLUX where the
+  card has it) on accelerators, fp32 on the CPU. Offload modes none / model / sequential.
+* An LRU cache of whole pipelines under a byte budget; evicting really frees memory.
+  A pipeline for another task (img2img, ...) is built from the loaded one with
+  `from_pipe`, sharing its modules instead of loading them again.
+* One lane: `lend()` holds a lock for its `with` block, so one generation or training
+  step uses the weights at a time, and everything it patched (LoRAs, attention
+  processors) is undone when the block ends.
+Nothing is probed or loaded at import or construction; the first `lend()` does it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CATALOG_PATH = Path(__file__).with_name("catalog.json")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+# Pipeline class per family and task. Families absent from a task cannot do it.
+PIPELINES = {
+    "sd": {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline"},
+    "sdxl": {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline"},
+    "sdxl-refiner": {"img2img": "StableDiffusionXLImg2ImgPipeline"},
+    "sd3": {"txt2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline"},
+    "flux": {"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline"},
+}
+CLASS_FAMILY = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl-refiner",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+FLOW_FAMILIES = ("sd3", "flux")
+
+
+class ModelError(ValueError):
+    """A model can't be had; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str  # hub id, folder or file
+    family: str
+    kind: str = "pipeline"  # or "lora"
+    description: str = ""
+    defaults: dict = field(default_factory=dict, hash=False, compare=False)
+    single_file: bool = False
+    config: str | None = None  # local diffusers folder giving a single file its configs
+
+    @property
+    def local(self) -> bool:
+        return Path(self.source).exists()
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA of a stack: a catalog name, a .safetensors file or a folder, and its weight."""
+
+    source: str
+    weight: float = 1.0
+
+
+def load_catalog(path: Path = CATALOG_PATH) -> dict[str, ModelSpec]:
+    entries = json.loads(path.read_text())
+    specs = {}
+    for name, e in entries.items():
+        source = e["source"]
+        if source.startswith("assets/"):
+            source = str(REPO_ROOT / source)
+        defaults = {
+            k: e[k]
+            for k in (
+                "scheduler",
+                "steps",
+                "guidance",
+                "width",
+                "height",
+                "distilled",
+                "refiner",
+                "latent_rgb",
+            )
+            if k in e
+        }
+        specs[name] = ModelSpec(
+            name, source, e["family"], e.get("kind", "pipeline"), e.get("description", ""), defaults
+        )
+    return specs
+
+
+def refuse_pickle(path: str) -> None:
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise ModelError(
+            f"{Path(path).name} is a pickle checkpoint, which can run arbitrary code when loaded; "
+            "the studio loads .safetensors only. Convert it once on a trusted machine "
+            "(or download the .safetensors version of the model)."
+        )
+
+
+def family_of_folder(folder: Path) -> str:
+    index = folder / "model_index.json"
+    if not index.exists():
+        raise ModelError(f"{folder} is not a diffusers pipeline folder (it has no model_index.json)")
+    cls = json.loads(index.read_text()).get("_class_name", "")
+    for prefix, family in CLASS_FAMILY.items():
+        if cls == prefix:
+            return family
+    if cls.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if cls.startswith("StableDiffusion3"):
+        return "sd3"
+    if cls.startswith("Flux"):
+        return "flux"
+    if cls.startswith("StableDiffusion"):
+        return "sd"
+    raise ModelError(f"{folder} holds a {cls or 'unknown'} pipeline, which the studio does not run")
+
+
+def family_of_single_file(path: Path) -> str:
+    """Guess an original-format checkpoint's family from its tensor names (header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:
+        raise ModelError(f"{path.name} is not a readable .safetensors file ({exc})") from None
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return "sdxl"
+    if any("joint_blocks." in k for k in keys):
+        return "sd3"
+    if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+        return "flux"
+    if any(k.startswith("model.diffusion_model.input_blocks") for k in keys):
+        return "sd"
+    raise ModelError(f"{path.name} is not a Stable Diffusion, SDXL, SD3 or FLUX checkpoint")
+
+
+def _absent_components(folder: Path) -> dict:
+    """Components a folder saved as null (SD3 without T5, say) are passed as None."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+
+
+def module_bytes(pipe) -> int:
+    import torch
+
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in component.parameters())
+            total += sum(t.numel() * t.element_size() for t in component.buffers())
+    return total
+
+
+class ModelManager:
+    def __init__(
+        self,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        offload: str = "none",
+        budget_bytes: int | None = None,
+        catalog: dict[str, ModelSpec] | None = None,
+    ):
+        if offload not in ("none", "model", "sequential"):
+            raise ModelError(f"offload must be none, model or sequential, not {offload!r}")
+        self._device_name = device
+        self._dtype_name = dtype
+        self.offload = offload
+        self.budget_bytes = budget_bytes
+        self._catalog = catalog
+        self._cache: OrderedDict[str, object] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self.lane = threading.RLock()
+        self.load_seconds: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ catalog and resolution
+
+    @property
+    def catalog(self) -> dict[str, ModelSpec]:
+        if self._catalog is None:
+            self._catalog = load_catalog()
+        return self._catalog
+
+    def pipelines(self) -> list[ModelSpec]:
+        return [s for s in self.catalog.values() if s.kind == "pipeline"]
+
+    def loras(self) -> list[ModelSpec]:
+        return [s for s in self.catalog.values() if s.kind == "lora"]
+
+    def resolve(self, name: str) -> ModelSpec:
+        """A catalog name, a local folder, a .safetensors file or a hub id, as a ModelSpec."""
+        if not isinstance(name, str) or not name.strip():
+            raise ModelError("no model given: choose one from the catalog or give a folder, file or hub id")
+        name = name.strip()
+        if name in self.catalog:
+            return self.catalog[name]
+        refuse_pickle(name)
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return ModelSpec(str(path), str(path), family_of_folder(path))
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise ModelError(f"{path.name} is not a .safetensors checkpoint")
+            return ModelSpec(str(path), str(path), family_of_single_file(path), single_file=True)
+        if _looks_like_hub_id(name):
+            return ModelSpec(name, name, "unknown")
+        raise ModelError(
+            f"unknown model {name!r}: not in the catalog ({', '.join(s.name for s in self.pipelines())}), "
+            "not an existing folder or .safetensors file, and not a hub id like org/name"
+        )
+
+    # ------------------------------------------------------------------ device policy
+
+    @property
+    def device(self) -> str:
+        if self._device_name is None:
+            import torch
+
+            if torch.cuda.is_available():
+                self._device_name = "cuda"
+            elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+                self._device_name = "mps"
+            else:
+                self._device_name = "cpu"
+        return self._device_name
+
+    def dtype_for(self, family: str):
+        import torch
+
+        if self._dtype_name:
+            return getattr(torch, self._dtype_name)
+        if self.device == "cpu":
+            return torch.float32
+        if family in FLOW_FAMILIES and self.device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+
+    # ------------------------------------------------------------------ loading and the cache
+
+    def cached(self) -> list[str]:
+        return list(self._cache)
+
+    def cache_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def _pipeline_class(self, family: str, task: str):
+        import diffusers
+
+        try:
+            return getattr(diffusers, PIPELINES[family][task])
+        except KeyError:
+            raise ModelError(f"{family} models can't do {task}") from None
+
+    def base(self, name: str):
+        """The cached base pipeline of a model, loaded on first use. Caller holds the lane."""
+        spec = self.resolve(name)
+        if spec.kind != "pipeline":
+            raise ModelError(
+                f"{spec.name} is a {spec.kind}, not a base model; add it to a LoRA stack instead"
+            )
+        with self.lane:
+            if spec.source in self._cache:
+                self._cache.move_to_end(spec.source)
+                return self._cache[spec.source]
+            started = time.perf_counter()
+            pipe = self._load(spec)
+            size = module_bytes(pipe)
+            self._make_room(size)
+            self._place(pipe)
+            self._cache[spec.source] = pipe
+            self._sizes[spec.source] = size
+            self.load_seconds[spec.source] = time.perf_counter() - started
+            return pipe
+
+    def _load(self, spec: ModelSpec):
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+        family = spec.family
+        dtype = self.dtype_for(family)
+        try:
+            if spec.single_file:
+                cls = self._pipeline_class(family, "txt2img" if family != "sdxl-refiner" else "img2img")
+                kwargs = {"config": spec.config} if spec.config else {}
+                return cls.from_single_file(spec.source, dtype=dtype, **kwargs)
+            if spec.local:
+                absent = _absent_components(Path(spec.source))
+                return diffusers.DiffusionPipeline.from_pretrained(
+                    spec.source, dtype=dtype, use_safetensors=True, local_files_only=True, **absent
+                )
+            return diffusers.DiffusionPipeline.from_pretrained(spec.source, dtype=dtype, use_safetensors=True)
+        except ModelError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise ModelError(_load_failure(spec, exc)) from None
+
+    def _place(self, pipe) -> None:
+        if self.device == "cpu" or self.offload == "none":
+            pipe.to(self.device)
+        elif self.offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        pipe.set_progress_bar_config(disable=True)
+
+    def _make_room(self, incoming: int) -> None:
+        if self.budget_bytes is None:
+            return
+        while self._cache and self.cache_bytes() + incoming > self.budget_bytes:
+            self.evict(next(iter(self._cache)))
+
+    def evict(self, source_or_name: str) -> None:
+        with self.lane:
+            key = source_or_name
+            if key not in self._cache and key in self.catalog:
+                key = self.catalog[key].source
+            pipe = self._cache.pop(key, None)
+            self._sizes.pop(key, None)
+            if pipe is None:
+                return
+            with contextlib.suppress(Exception):
+                pipe.remove_all_hooks()
+            del pipe
+            gc.collect()
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def clear(self) -> None:
+        for key in list(self._cache):
+            self.evict(key)
+
+    # ------------------------------------------------------------------ lending
+
+    @contextlib.contextmanager
+    def lend(
+        self,
+        name: str,
+        task: str = "txt2img",
+        *,
+        loras: tuple[LoraRef, ...] = (),
+        attn_processors: dict | None = None,
+    ) -> Iterator[object]:
+        """A pipeline for `task` on model `name`, held on the lane for the block.
+
+        The lent pipeline shares modules with the cached base (`from_pipe`), so the caller
+        may set its scheduler freely; LoRAs and attention processors it asks for are
+        applied to the shared modules and removed again when the block ends.
+        """
+        with self.lane:
+            base = self.base(name)
+            spec = self.resolve(name)
+            family = spec.family if spec.family != "unknown" else _family_of_pipe(base)
+            cls = self._pipeline_class(family, task)
+            pipe = base if type(base) is cls else cls.from_pipe(base)
+            pipe.set_progress_bar_config(disable=True)
+            denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+            saved_processors = dict(denoiser.attn_processors) if attn_processors is not None else None
+            try:
+                if loras:
+                    self._apply_loras(pipe, family, loras)
+                if attn_processors is not None:
+                    denoiser.set_attn_processor(attn_processors)
+                yield pipe
+            finally:
+                if loras:
+                    pipe.unload_lora_weights()
+                if saved_processors is not None:
+                    denoiser.set_attn_processor(saved_processors)
+
+    def _apply_loras(self, pipe, family: str, loras: tuple[LoraRef, ...]) -> None:
+        names, weights = [], []
+        try:
+            for i, lora in enumerate(loras):
+                source, weight_name = self._lora_source(lora.source, family)
+                adapter = f"lora_{i}"
+                kwargs = {"weight_name": weight_name} if weight_name else {}
+                pipe.load_lora_weights(source, adapter_name=adapter, **kwargs)
+                names.append(adapter)
+                weights.append(lora.weight)
+            pipe.set_adapters(names, weights)
+        except ModelError:
+            pipe.unload_lora_weights()
+            raise
+        except Exception as exc:
+            pipe.unload_lora_weights()
+            raise ModelError(f"LoRA {lora.source!r} could not be applied: {_first_line(exc)}") from None
+
+    def _lora_source(self, source: str, family: str) -> tuple[str, str | None]:
+        if source in self.catalog:
+            spec = self.catalog[source]
+            if spec.kind != "lora":
+                raise ModelError(f"{source} is a base model, not a LoRA")
+            if spec.family != family:
+                raise ModelError(f"LoRA {source} is for {spec.family} models, not {family}")
+            return spec.source, None
+        refuse_pickle(source)
+        path = Path(source).expanduser()
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise ModelError(f"LoRA {path.name} is not a .safetensors file")
+            return str(path.parent), path.name
+        if path.is_dir():
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise ModelError(f"LoRA folder {path} has no .safetensors file")
+            return str(path), files[0].name
+        if _looks_like_hub_id(source):
+            return source, None
+        raise ModelError(f"LoRA {source!r} not found: give a catalog name, a .safetensors file or a folder")
+
+
+def _family_of_pipe(pipe) -> str:
+    name = type(pipe).__name__
+    if name not in CLASS_FAMILY:
+        raise ModelError(f"{name} pipelines are not supported")
+    return CLASS_FAMILY[name]
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(p and all(c.isalnum() or c in "-_." for c in p) for p in parts)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _load_failure(spec: ModelSpec, exc: Exception) -> str:
+    if spec.local:
+        return f"model {spec.name!r} at {spec.source} could not be loaded: {_first_line(exc)}"
+    return (
+        f"model {spec.name!r} ({spec.source}) is not in the local Hugging Face cache and the Hub "
+        f"could not be reached ({_first_line(exc)}). Download it on a connected machine "
+        f"(`hf download {spec.source}`) and copy the cache over, or give a local folder."
+    )

@@ -1,0 +1,44 @@
+"""Step reports and cancellation, shared by every technique and the trainer."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+class Cancelled(Exception):
+    """Raised from a step callback to stop a run; nothing half-made is stored."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int  # 1-based, within the current batch
+    total: int
+    batch: int = 0
+    batches: int = 1
+    latents: object = None  # the denoiser's current latents, for previews
+
+    @property
+    def fraction(self) -> float:
+        return (self.batch * self.total + self.step) / (self.batches * self.total)
+
+
+class CancelToken:
+    """Set by a Stop button or a signal; checked at every step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    def reset(self) -> None:
+        self._event.clear()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("cancelled")

@@ -1,0 +1,118 @@
+"""The studio's services in one object: a model manager, a gallery, and where data lives.
+
+Tabs, the API and the CLI all go through `Studio`: it runs a technique on the shared
+lane, and stores every finished image in the gallery with the settings that remake it.
+Nothing is opened or probed until first used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import txt2img
+from .gallery import Gallery, GalleryItem
+from .models import ModelManager
+from .pngmeta import format_infotext
+
+DEFAULT_DATA_DIR = Path("data")
+
+
+@dataclass(frozen=True)
+class Paths:
+    db: Path
+    images: Path
+
+    @classmethod
+    def from_env(
+        cls, data_dir: str | os.PathLike | None = None, db: str | None = None, images: str | None = None
+    ):
+        root = Path(data_dir or os.environ.get("LATENT_STUDIO_DATA") or DEFAULT_DATA_DIR)
+        return cls(
+            db=Path(db or os.environ.get("LATENT_STUDIO_DB") or root / "gallery.db"),
+            images=Path(images or os.environ.get("LATENT_STUDIO_IMAGES") or root / "images"),
+        )
+
+
+def infotext(settings, family: str = "") -> str:
+    """AUTOMATIC1111's `parameters` text for one image's settings."""
+    params = {
+        "Steps": settings.steps,
+        "Sampler": settings.scheduler,
+        "CFG scale": settings.guidance,
+        "Seed": settings.seed,
+        "Size": f"{settings.width}x{settings.height}",
+        "Model": settings.model,
+    }
+    if getattr(settings, "loras", ()):
+        params["Lora weights"] = ", ".join(f"{lr.source}: {lr.weight}" for lr in settings.loras)
+    if family:
+        params["Family"] = family
+    params["Version"] = "latent-studio"
+    return format_infotext(settings.prompt, settings.negative_prompt, params)
+
+
+class Studio:
+    def __init__(
+        self, paths: Paths | None = None, models: ModelManager | None = None, default_model: str = "toy-sd"
+    ):
+        self.paths = paths or Paths.from_env()
+        self.models = models or ModelManager()
+        self.default_model = default_model
+        self._gallery: Gallery | None = None
+
+    @property
+    def gallery(self) -> Gallery:
+        if self._gallery is None:
+            self.paths.db.parent.mkdir(parents=True, exist_ok=True)
+            self.paths.images.mkdir(parents=True, exist_ok=True)
+            self._gallery = Gallery(self.paths.db, self.paths.images).open()
+        return self._gallery
+
+    def txt2img(self, settings: txt2img.Txt2ImgSettings, *, on_step=None, store: bool = True):
+        """Generate, then store every image; a cancelled run raises and stores nothing."""
+        result = txt2img.run(settings, self.models, on_step=on_step)
+        items = self.store(result) if store else []
+        return result, items
+
+    def store(self, result, parent_id: int | None = None) -> list[GalleryItem]:
+        items = []
+        per_image = result.duration_s / max(1, len(result.images))
+        for index, image in enumerate(result.images):
+            s = result.image_settings(index)
+            items.append(
+                self.gallery.add(
+                    image,
+                    technique=s.technique,
+                    model=s.model,
+                    prompt=s.prompt,
+                    negative_prompt=s.negative_prompt,
+                    seed=s.seed,
+                    steps=s.steps,
+                    guidance=s.guidance,
+                    width=image.width,
+                    height=image.height,
+                    scheduler=s.scheduler,
+                    settings=s.to_dict(),
+                    infotext=infotext(s, result.family),
+                    parent_id=parent_id,
+                    duration_s=per_image,
+                )
+            )
+        return items
+
+    def preview(self, latents, model: str, family: str):
+        """A quick RGB look at a step's latents (one linear map, no VAE), at the image's size."""
+        from .preview import LATENT_RGB, latents_to_rgb
+
+        factors = self.models.resolve(model).defaults.get("latent_rgb") or LATENT_RGB.get(family)
+        if factors is None or latents is None or latents.dim() != 4 or latents.shape[1] != len(factors):
+            return None
+        image = latents_to_rgb(latents[:1], factors)[0]
+        return image.resize((image.width * 8, image.height * 8))
+
+    def close(self) -> None:
+        if self._gallery is not None:
+            self._gallery.close()
+            self._gallery = None

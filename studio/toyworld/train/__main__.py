@@ -1,0 +1,40 @@
+"""Retrain the toy model family: `python -m studio.toyworld.train [all|clip|vae|sd] [--work DIR] [--out DIR]`.
+
+Every stage checkpoints into --work and resumes from there after an interruption; a
+finished stage's model folder in --out is kept and skipped unless --force is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+STAGES = ("clip", "vae", "sd")
+FOLDERS = {"clip": "toy-clip", "vae": "toy-vae", "sd": "toy-sd"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studio.toyworld.train", description=__doc__)
+    parser.add_argument("stage", nargs="?", default="all", choices=("all",) + STAGES)
+    parser.add_argument("--work", type=Path, default=Path("runs/toyworld"))
+    parser.add_argument("--out", type=Path, default=Path("assets/models"))
+    parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
+    parser.add_argument("--force", action="store_true", help="retrain stages whose folder exists")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        if (args.out / FOLDERS[stage]).exists() and not args.force and args.stage == "all":
+            print(f"[{stage}] {args.out / FOLDERS[stage]} exists; skipped (use --force to retrain)")
+            continue
+        module = __import__(f"studio.toyworld.train.{stage}", fromlist=["train"])
+        started = time.time()
+        kwargs = {"steps": args.steps} if args.steps else {}
+        module.train(args.work, args.out, **kwargs)
+        print(f"[{stage}] done in {time.time() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

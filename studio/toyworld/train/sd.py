@@ -1,0 +1,175 @@
+"""Stage 3: toy-sd, a latent diffusion model that `StableDiffusionPipeline` loads.
+
+Ho et al., "Denoising Diffusion Probabilistic Models" (2020), eq. 14: the UNet
+predicts the noise ε added at timestep t, loss ||ε - ε_θ(√ᾱ_t z_0 + √(1-ᾱ_t) ε, t, c)||²,
+here weighted by min-SNR-γ (Hang et al., "Efficient Diffusion Training via Min-SNR
+Weighting Strategy", ICCV 2023, γ = 5). z_0 are the toy VAE's scaled latents, computed
+once for a fixed set of renders; c is the toy CLIP text tower's last hidden state, the
+tower fine-tuned beside the UNet. Captions are dropped to the empty caption with p = 0.1
+so that classifier-free guidance (Ho & Salimans 2022) works at sampling time.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from .common import (
+    EMA,
+    build_tokenizer,
+    images_to_tensor,
+    load_checkpoint,
+    log,
+    pick_device,
+    save_checkpoint,
+    warmup_lr,
+)
+
+SEED = 3
+STEPS = 8000
+BATCH = 128
+LR = 5e-4
+TEXT_LR = 1e-4
+DATASET = 40_000
+CAPTION_DROPOUT = 0.1
+MIN_SNR_GAMMA = 5.0
+
+
+def scheduler_config() -> dict:
+    """Stable Diffusion's own noise schedule (scaled linear 0.00085 → 0.012, no clipping)."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def build_unet(cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(96, 192),
+        layers_per_block=2,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+@torch.no_grad()
+def build_latent_dataset(vae, path: Path, device, n: int = DATASET) -> dict:
+    """Captions, token ids and latent distributions of `n` fixed renders (cached on disk)."""
+    from safetensors.torch import load_file, save_file
+
+    from ..captions import sample_pair
+    from ..render import render
+
+    if path.exists():
+        data = load_file(str(path))
+        return {
+            "mean": data["mean"],
+            "std": data["std"],
+            "captions": json.loads(path.with_suffix(".json").read_text()),
+        }
+    rng = random.Random(SEED)
+    captions, means, stds = [], [], []
+    for start in range(0, n, 256):
+        pairs = [sample_pair(rng) for _ in range(min(256, n - start))]
+        dist = vae.encode(images_to_tensor([render(s) for _, s in pairs]).to(device)).latent_dist
+        captions += [c for c, _ in pairs]
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    data = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
+    save_file(data, str(path))
+    path.with_suffix(".json").write_text(json.dumps(captions))
+    return {**data, "captions": captions}
+
+
+def train(work: Path, out: Path, steps: int = STEPS) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel
+
+    device = pick_device()
+    tokenizer = build_tokenizer()
+    vae = AutoencoderKL.from_pretrained(out / "toy-vae", dtype=torch.float32).to(device).eval()
+    text_encoder = CLIPTextModel.from_pretrained(out / "toy-clip", dtype=torch.float32).to(device)
+    unet = build_unet(text_encoder.config.hidden_size).to(device)
+    noise_scheduler = DDPMScheduler(**scheduler_config())
+    data = build_latent_dataset(vae, work / "sd_latents.safetensors", device)
+    ids_all = tokenizer(
+        data["captions"], padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
+    empty_ids = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0]
+    scale = vae.config.scaling_factor
+    alphas = noise_scheduler.alphas_cumprod.to(device)
+
+    opt = torch.optim.AdamW(
+        [{"params": unet.parameters(), "lr": LR}, {"params": text_encoder.parameters(), "lr": TEXT_LR}],
+        weight_decay=0.01,
+    )
+    ema = EMA(torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}), decay=0.999)
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    ckpt = work / "sd.safetensors"
+    start = load_checkpoint(ckpt, modules, opt, ema) if ckpt.exists() else 0
+    unet.train()
+    text_encoder.train()
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
+        index = torch.randint(0, len(ids_all), (BATCH,), generator=g)
+        z0 = (data["mean"][index] + data["std"][index] * torch.randn(BATCH, 4, 8, 8, generator=g)) * scale
+        ids = ids_all[index].clone()
+        ids[torch.rand(BATCH, generator=g) < CAPTION_DROPOUT] = empty_ids
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, 1000, (BATCH,), generator=g)
+        z0, ids, noise, t = z0.to(device), ids.to(device), noise.to(device), t.to(device)
+        zt = noise_scheduler.add_noise(z0, noise, t)
+        decay = 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * torch.pi))).item()
+        for group, base in zip(opt.param_groups, (LR, TEXT_LR), strict=True):
+            group["lr"] = warmup_lr(step, base, 200) * decay
+        context = text_encoder(ids).last_hidden_state
+        pred = unet(zt, t, encoder_hidden_states=context).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
+        opt.step()
+        ema.update(torch.nn.ModuleDict(modules))
+        if step % 50 == 0 or step == steps - 1:
+            log("sd", step, steps, loss=loss.item())
+        if (step + 1) % 250 == 0:
+            save_checkpoint(ckpt, modules, opt, step + 1, ema)
+    save_checkpoint(ckpt, modules, opt, steps, ema)
+    ema.copy_to(torch.nn.ModuleDict(modules))
+    export(out, vae, text_encoder, tokenizer, unet)
+
+
+def export(out: Path, vae, text_encoder, tokenizer, unet) -> None:
+    """Save a folder that `StableDiffusionPipeline.from_pretrained` loads (weights in fp16)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16).save_pretrained(out / "toy-sd", safe_serialization=True)

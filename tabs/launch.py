@@ -1,0 +1,27 @@
+"""Launch options shared by the app and every tab run alone: what may and may not be served."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def launch_options(studio, **overrides) -> dict:
+    """Serve gallery images; never the database, the weights or the source tree."""
+    studio.paths.images.mkdir(parents=True, exist_ok=True)
+    options = dict(
+        allowed_paths=[str(studio.paths.images.resolve())],
+        blocked_paths=[
+            str(studio.paths.db.resolve()),
+            str(studio.paths.db.resolve()) + "-wal",
+            str(studio.paths.db.resolve()) + "-shm",
+            str(studio.paths.db.resolve()) + "-journal",
+            str(REPO_ROOT / "assets"),
+            str(REPO_ROOT / "studio"),
+            str(REPO_ROOT / "runs"),
+        ],
+        max_file_size="20mb",
+    )
+    options.update(overrides)
+    return options

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny pipelines (built once a session), a Studio on a temporary folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TOY_SD = ROOT / "assets" / "models" / "toy-sd"
+TOY_SD3 = ROOT / "assets" / "models" / "toy-sd3"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def manager():
+    from studio.models import ModelManager
+
+    return ModelManager(device="cpu")
+
+
+@pytest.fixture
+def studio(tmp_path, manager):
+    from studio.service import Paths, Studio
+
+    s = Studio(Paths(db=tmp_path / "gallery.db", images=tmp_path / "images"), manager)
+    yield s
+    s.close()
