@@ -23,6 +23,7 @@ from .common import (
     pick_device,
     sample_batch,
     save_checkpoint,
+    save_tokenizer,
     warmup_lr,
 )
 
@@ -104,7 +105,7 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
     save_checkpoint(ckpt, {"clip": model}, opt, steps)
     model.eval()
     model.save_pretrained(out / "toy-clip", safe_serialization=True)
-    tokenizer.save_pretrained(out / "toy-clip")
+    save_tokenizer(tokenizer, out / "toy-clip")
     CLIPImageProcessor(
         size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, do_convert_rgb=True
     ).save_pretrained(out / "toy-clip")

@@ -88,6 +88,15 @@ def build_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """Save the tokenizer as CLIP ships it: vocab.json and merges.txt beside tokenizer.json."""
+    tokenizer.save_pretrained(folder)
+    state = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    (folder / "vocab.json").write_text(json.dumps(state["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
 # --------------------------------------------------------------------------- EMA and checkpoints
 
 

@@ -29,8 +29,8 @@ from .common import (
 )
 
 SEED = 3
-STEPS = 8000
-BATCH = 128
+STEPS = 9000
+BATCH = 64
 LR = 5e-4
 TEXT_LR = 1e-4
 DATASET = 40_000
@@ -61,8 +61,8 @@ def build_unet(cross_attention_dim: int):
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(96, 192),
-        layers_per_block=2,
+        block_out_channels=(64, 128),
+        layers_per_block=1,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=32,
