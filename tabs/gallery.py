@@ -356,10 +356,14 @@ class GalleryTab:
         )
 
 
-def build(studio: Any, bus: Bus, *, refresh_on_load: bool = True) -> GalleryTab:
+def build(
+    studio: Any, bus: Bus, *, refresh_on_load: bool = True, send_targets: Sequence[tuple[str, str]] = ()
+) -> GalleryTab:
     """Render the gallery tab in the current Blocks/Tab context and wire its events.
 
     With ``refresh_on_load`` the first page is also loaded when the browser page loads.
+    ``send_targets`` lists (label, tab id) of the app's tabs that take an image, one
+    "Send to" button each.
     """
     actions = GalleryActions(studio)
     quick = {"concurrency_limit": None, "api_visibility": "private"}
@@ -433,9 +437,8 @@ def build(studio: Any, bus: Bus, *, refresh_on_load: bool = True) -> GalleryTab:
                 restore_button = gr.Button("Restore settings", variant="primary")
                 delete_button = gr.Button("Delete", variant="stop")
             with gr.Row():
-                to_editing = gr.Button("Send to editing", size="sm")
-                to_controlnet = gr.Button("Send to ControlNet", size="sm")
-                to_ip_adapter = gr.Button("Send to IP-Adapter", size="sm")
+                # (label, tab id) of the tabs the app has that take an image
+                send_buttons = [(gr.Button(f"Send to {label}", size="sm"), tab) for label, tab in send_targets]
             details = gr.JSON(label="Settings", value=None)
             import_file = gr.File(
                 label="Import PNG", file_types=[".png"], type="filepath", file_count="single"
@@ -651,9 +654,8 @@ def build(studio: Any, bus: Bus, *, refresh_on_load: bool = True) -> GalleryTab:
     save_tags.click(save_item_tags, [selected_id, tags], [tags, details], **quick)
     tags.submit(save_item_tags, [selected_id, tags], [tags, details], **quick)
     restore_button.click(restore, [selected_id], [bus.message], **quick)
-    to_editing.click(sender(TAB_IDS["sdedit"]), [selected_id], [bus.message], **quick)
-    to_controlnet.click(sender(TAB_IDS["controlnet"]), [selected_id], [bus.message], **quick)
-    to_ip_adapter.click(sender(TAB_IDS["ip_adapter"]), [selected_id], [bus.message], **quick)
+    for button, tab in send_buttons:
+        button.click(sender(tab), [selected_id], [bus.message], **quick)
     delete_button.click(
         delete_selected, [selected_id, *page_inputs], [*page_outputs, *detail_outputs], **quick
     )

@@ -296,13 +296,14 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
         return gr.update(choices=[p.name for p in list_presets(technique="txt2img")], value=name)
 
     def from_bus(message):
+        # gr.skip(), not {}: an empty dict is one output value, and this event has 18 outputs
         if not message or message.get("target") != "txt2img" or not message.get("settings"):
-            return {}
+            return gr.skip()
         try:
             return to_form(Txt2ImgSettings.from_dict(message["settings"]))
         except SettingsError as exc:
             gr.Warning(f"Those settings could not be restored: {exc}")
-            return {}
+            return gr.skip()
 
     @on_gpu
     @user_errors
@@ -315,7 +316,9 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
             "settings": [item.settings for item in items],
         }
 
-    model.change(model_defaults, model, [steps, guidance, width, height, scheduler], api_visibility="private")
+    # .input, not .change: only a model the user picks brings its defaults; restored settings
+    # (share links, the gallery's "Restore settings") set the model and keep their own values
+    model.input(model_defaults, model, [steps, guidance, width, height, scheduler], api_visibility="private")
     generate.click(
         run_generation,
         form,

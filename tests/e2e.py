@@ -19,8 +19,8 @@ TOY_SD_NAME = "toy-sd"
 
 
 def toy_sd_ready() -> bool:
-    """The trained model is usable once its folder holds a saved pipeline."""
-    return (TOY_SD / "model_index.json").is_file()
+    """The trained model is usable once its folder holds a saved pipeline (index and weights)."""
+    return (TOY_SD / "model_index.json").is_file() and any(TOY_SD.glob("unet/*.safetensors"))
 
 
 def pick_model(request) -> str:
@@ -61,3 +61,14 @@ def serve(tmp: Path, model: str) -> Iterator[tuple[str, object]]:
     finally:
         demo.close()
         studio.close()
+
+
+def server_tracebacks(capfd) -> str:
+    """What the server printed to stderr as tracebacks since the last read (empty: none).
+
+    Gradio prints a traceback for any exception an event raises other than a quiet gr.Error;
+    a user's mistake must never produce one, and neither must an ordinary page load.
+    """
+    _, err = capfd.readouterr()
+    start = err.find("Traceback (most recent call last)")
+    return "" if start < 0 else err[start : start + 3000]

@@ -14,11 +14,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from e2e import pick_model, serve, server_tracebacks
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
-
-from e2e import pick_model, serve
 
 API_NAMES = {
     "/txt2img",
@@ -109,7 +108,7 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_is_a_clear_error(app, case):
+def test_bad_input_is_a_clear_error(app, case, capfd):
     changes, phrase = BAD_INPUT[case]
     before = app.studio.gallery.count()
     with pytest.raises(AppError) as caught:
@@ -119,9 +118,10 @@ def test_bad_input_is_a_clear_error(app, case):
     assert "Traceback" not in message and 'File "' not in message
     assert len(message) < 600
     assert app.studio.gallery.count() == before
+    assert server_tracebacks(capfd) == ""
 
 
-def test_float_nan_guidance(app):
+def test_float_nan_guidance(app, capfd):
     """gradio_client refuses to put NaN in JSON; a raw request carrying a NaN literal gets a clear error."""
     before = app.studio.gallery.count()
     with pytest.raises((ValueError, AppError)):
@@ -140,6 +140,7 @@ def test_float_nan_guidance(app):
     assert "guidance must be a finite number" in stream
     assert "Traceback" not in stream
     assert app.studio.gallery.count() == before
+    assert server_tracebacks(capfd) == ""
 
 
 def _png_bytes(size=(8, 8)) -> bytes:
@@ -148,7 +149,7 @@ def _png_bytes(size=(8, 8)) -> bytes:
     return buffer.getvalue()
 
 
-def test_import_corrupt_png_is_refused(app, tmp_path):
+def test_import_corrupt_png_is_refused(app, tmp_path, capfd):
     data = bytearray(_png_bytes())
     data[40:60] = b"\x00" * 20  # inside the IDAT chunk: its CRC no longer matches
     path = tmp_path / "corrupt.png"
@@ -158,18 +159,20 @@ def test_import_corrupt_png_is_refused(app, tmp_path):
         app.client.predict(handle_file(str(path)), api_name="/gallery_import")
     assert "Traceback" not in str(caught.value)
     assert app.studio.gallery.count() == before
+    assert server_tracebacks(capfd) == ""
 
 
-def test_import_truncated_png_is_refused(app, tmp_path):
+def test_import_truncated_png_is_refused(app, tmp_path, capfd):
     path = tmp_path / "truncated.png"
     path.write_bytes(_png_bytes()[:50])
     before = app.studio.gallery.count()
     with pytest.raises(AppError, match="not a readable image"):
         app.client.predict(handle_file(str(path)), api_name="/gallery_import")
     assert app.studio.gallery.count() == before
+    assert server_tracebacks(capfd) == ""
 
 
-def test_import_decompression_bomb_is_refused(app, tmp_path):
+def test_import_decompression_bomb_is_refused(app, tmp_path, capfd):
     data = bytearray(_png_bytes())
     assert data[12:16] == b"IHDR"
     data[16:24] = struct.pack(">II", 100_000, 100_000)
@@ -183,6 +186,7 @@ def test_import_decompression_bomb_is_refused(app, tmp_path):
     assert "decompression bomb" in str(caught.value)
     assert app.studio.gallery.count() == before
     assert sorted(p.name for p in app.studio.paths.images.iterdir()) == files_before
+    assert server_tracebacks(capfd) == ""
 
 
 def test_app_still_serves_after_bad_input(app):

@@ -69,6 +69,17 @@ def clip_pixels(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) / 2 - mean.to(images)) / std.to(images)
 
 
+def loss_on_batch(model, ids: torch.Tensor, pixel_values: torch.Tensor, captions: list[str]):
+    """Symmetric InfoNCE over one batch; returns (loss, the model's output)."""
+    device = ids.device
+    out_ = model(input_ids=ids, pixel_values=pixel_values)
+    # Identical captions in one batch are all positives of each other.
+    same = torch.tensor([[a == b for b in captions] for a in captions], device=device, dtype=torch.float32)
+    targets = same / same.sum(1, keepdim=True)
+    loss = (F.cross_entropy(out_.logits_per_text, targets) + F.cross_entropy(out_.logits_per_image, targets)) / 2
+    return loss, out_
+
+
 def train(work: Path, out: Path, steps: int = STEPS) -> None:
     from transformers import CLIPImageProcessor
 
@@ -84,16 +95,8 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
         for group in opt.param_groups:
             group["lr"] = warmup_lr(step, LR, 100) * (0.5 + 0.5 * (1 - step / steps))
-        out_ = model(input_ids=ids.to(device), pixel_values=clip_pixels(images).to(device))
+        loss, out_ = loss_on_batch(model, ids.to(device), clip_pixels(images).to(device), captions)
         labels = torch.arange(len(captions), device=device)
-        # Identical captions in one batch are all positives of each other.
-        same = torch.tensor(
-            [[a == b for b in captions] for a in captions], device=device, dtype=torch.float32
-        )
-        targets = same / same.sum(1, keepdim=True)
-        loss = (
-            F.cross_entropy(out_.logits_per_text, targets) + F.cross_entropy(out_.logits_per_image, targets)
-        ) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -109,3 +112,45 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
     CLIPImageProcessor(
         size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, do_convert_rgb=True
     ).save_pretrained(out / "toy-clip")
+    write_clip_card(out / "toy-clip", model, tokenizer, steps)
+
+
+def write_clip_card(folder: Path, model, tokenizer, steps: int, seconds: float | None = None) -> None:
+    from .cards import hardware, write_card
+
+    params = sum(p.numel() for p in model.parameters())
+    write_card(
+        folder,
+        "toy-clip",
+        "A `CLIPModel` (text and vision towers) trained contrastively on toy-world renders and captions. "
+        "Its text tower is the toy diffusion models' text encoder, its vision tower the IP-Adapter image encoder.",
+        {
+            "data": f"{steps} steps × {BATCH} fresh (render, caption) pairs, 20% generic `shape` captions",
+            "objective": "symmetric InfoNCE, identical captions in a batch counted as positives",
+            "parameters": f"{params / 1e6:.2f} M",
+            "hardware": hardware(),
+            **({"time": f"{seconds:.0f} s"} if seconds else {}),
+        },
+        evaluate(model, tokenizer),
+    )
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, n: int = 256) -> dict:
+    """Held-out renders: caption retrieval (top-1 among the batch's distinct captions) and
+    the mean cosine similarity of matching against shuffled pairs (CLIP-Score's raw form)."""
+    model.eval()
+    captions, images = sample_batch(batch_rng(SEED + 100, 0), n, generic_share=0.0)
+    ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    text = F.normalize(model.text_projection(model.text_model(input_ids=ids).pooler_output), dim=-1)
+    pooled = model.vision_model(pixel_values=clip_pixels(images)).pooler_output
+    image = F.normalize(model.visual_projection(pooled), dim=-1)
+    sims = image @ text.T
+    correct = [captions[int(j)] == captions[i] for i, j in enumerate(sims.argmax(1))]
+    shuffled = torch.roll(torch.arange(n), 1)
+    return {
+        "image_to_caption_top1": round(sum(correct) / n, 4),
+        "cosine_matching": round(sims.diag().mean().item(), 4),
+        "cosine_shuffled": round(sims[torch.arange(n), shuffled].mean().item(), 4),
+        "n": n,
+    }

@@ -98,6 +98,16 @@ def build_latent_dataset(vae, path: Path, device, n: int = DATASET) -> dict:
     return {**data, "captions": captions}
 
 
+def loss_on_batch(unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t) -> torch.Tensor:
+    """Min-SNR-γ weighted ε-prediction loss of one batch; `alphas` = the scheduler's ᾱ on z0's device."""
+    zt = noise_scheduler.add_noise(z0, noise, t)
+    context = text_encoder(ids).last_hidden_state
+    pred = unet(zt, t, encoder_hidden_states=context).sample
+    snr = alphas[t] / (1 - alphas[t])
+    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+    return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
 def train(work: Path, out: Path, steps: int = STEPS) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel
@@ -135,15 +145,10 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (BATCH,), generator=g)
         z0, ids, noise, t = z0.to(device), ids.to(device), noise.to(device), t.to(device)
-        zt = noise_scheduler.add_noise(z0, noise, t)
         decay = 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * torch.pi))).item()
         for group, base in zip(opt.param_groups, (LR, TEXT_LR), strict=True):
             group["lr"] = warmup_lr(step, base, 200) * decay
-        context = text_encoder(ids).last_hidden_state
-        pred = unet(zt, t, encoder_hidden_states=context).sample
-        snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
-        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = loss_on_batch(unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)

@@ -29,7 +29,7 @@ from .common import (
 SEED = 2
 STEPS = 2200
 BATCH = 32
-LR = 1e-3
+LR = 5e-4
 KL_WEIGHT = 1e-6
 
 
@@ -49,6 +49,14 @@ def build_model():
     )
 
 
+def loss_on_batch(vae, images: torch.Tensor):
+    """L1 + MSE reconstruction of a posterior sample plus KL_WEIGHT × KL; returns (loss, rec, recon)."""
+    posterior = vae.encode(images).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+    return rec + KL_WEIGHT * posterior.kl().mean(), rec, recon
+
+
 def train(work: Path, out: Path, steps: int = STEPS) -> None:
     device = pick_device()
     vae = build_model().to(device)
@@ -62,12 +70,10 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         images = images.to(device)
         for group in opt.param_groups:
             group["lr"] = warmup_lr(step, LR, 100) * (0.1 + 0.9 * (1 - step / steps))
-        posterior = vae.encode(images).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
-        loss = rec + KL_WEIGHT * posterior.kl().mean()
+        loss, rec, recon = loss_on_batch(vae, images)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         ema.update(vae)
         if step % 50 == 0 or step == steps - 1:

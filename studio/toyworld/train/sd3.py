@@ -1,0 +1,334 @@
+"""Stage 4: toy-sd3, an MM-DiT flow model that `StableDiffusion3Pipeline` loads.
+
+Esser et al., "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis"
+(ICML 2024): rectified flow, eq. 1 and §2-3, z_t = (1 - t) z_0 + t ε, the transformer
+predicting the velocity v = ε - z_0, loss ||v - v_θ(z_t, t, c)||² with t drawn from the
+logit-normal distribution (§3.1, m = 0, s = 1: "rf/lognorm(0.00, 1.00)"). This is the
+convention of diffusers' `FlowMatchEulerDiscreteScheduler`: `scale_noise` forms
+σ ε + (1 - σ) z_0, `step` moves x + (σ_next - σ) v_θ, and the transformer sees the
+timestep σ · 1000.
+
+z_0 are the toy VAE's latents with SD3's normalisation z = (z_raw - shift) · scale, both
+factors measured on fresh renders and written into the exported VAE config. The text
+condition c is exactly what `StableDiffusion3Pipeline.encode_prompt` computes with no T5
+(`text_encoder_3=None`): the penultimate hidden states of two CLIP text towers (both
+the frozen toy CLIP text tower with its projection) concatenated on features, followed
+by `max_sequence_length` (256) zero tokens, and the two pooled projections concatenated.
+It is computed once per distinct caption by calling that very method. Captions are
+dropped to the empty caption with p = 0.1 for classifier-free guidance.
+
+The 256 zero tokens are identical and stay identical through every joint block (each
+token is only normalised, modulated, attended from and passed through MLPs on its own),
+so training keeps one of them and adds log 256 to its attention logit: softmax over 256
+copies of a key equals one key whose weight is multiplied by 256. The result is the
+full-length computation (checked in tests/test_training_smoke.py) at a fraction of its
+cost; the exported model uses diffusers' standard attention processor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .common import (
+    EMA,
+    batch_rng,
+    build_tokenizer,
+    load_checkpoint,
+    log,
+    pick_device,
+    sample_batch,
+    save_checkpoint,
+    save_tokenizer,
+    warmup_lr,
+)
+
+SEED = 4
+STEPS = 4000
+BATCH = 64
+DATASET = 40_000  # fixed renders whose latent distributions are precomputed
+LR = 5e-4
+WARMUP = 200
+CAPTION_DROPOUT = 0.1
+LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
+# The pipeline's default `max_sequence_length`: the number of T5 (here zero) tokens.
+T5_TOKENS = 256
+# Inference-time timestep shift (σ → shift·σ / (1 + (shift - 1)·σ)). SD3 uses 3.0 at
+# 1024² (4,096 latent patches), where neighbouring pixels share so much signal that more
+# noise is needed to wipe it out (paper §5.3.2, shift ∝ √(resolution)). An 8 × 8 latent of
+# flat shapes has no such redundancy: sampling at the logit-normal's own times is right.
+SHIFT = 1.0
+
+
+def build_transformer(joint_attention_dim: int = 256, pooled_projection_dim: int = 256):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=6,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=128,  # = heads × head dim
+        pooled_projection_dim=pooled_projection_dim,
+        pos_embed_max_size=64,  # latents up to 64 × 64 (512 px images)
+        qk_norm="rms_norm",  # as SD3.5: keeps the attention logits tame in training
+    )
+
+
+def build_optimizer(transformer) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(transformer.parameters(), lr=LR, weight_decay=0.01)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class CollapsedPaddingProcessor:
+    """`JointAttnProcessor2_0` in which the context's last token stands for `copies`
+    identical tokens (the T5 zeros): log(copies) is added to its attention logit."""
+
+    def __init__(self, copies: int):
+        self.log_copies = math.log(copies)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        batch, heads = hidden_states.shape[0], attn.heads
+
+        def split(x):
+            return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        bias = None
+        if encoder_hidden_states is not None:
+            c_query = split(attn.add_q_proj(encoder_hidden_states))
+            c_key = split(attn.add_k_proj(encoder_hidden_states))
+            c_value = split(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                c_query = attn.norm_added_q(c_query)
+            if attn.norm_added_k is not None:
+                c_key = attn.norm_added_k(c_key)
+            query = torch.cat([query, c_query], dim=2)
+            key = torch.cat([key, c_key], dim=2)
+            value = torch.cat([value, c_value], dim=2)
+            bias = torch.zeros(1, 1, 1, key.shape[2], dtype=query.dtype, device=query.device)
+            bias[..., -1] = self.log_copies
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(query.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        out, context = out[:, : hidden_states.shape[1]], out[:, hidden_states.shape[1] :]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return attn.to_out[1](attn.to_out[0](out)), context
+
+
+def collapse_padding(transformer, copies: int = T5_TOKENS) -> None:
+    """Train on [CLIP tokens, one zero token] as if it were [CLIP tokens, `copies` zeros]."""
+    transformer.set_attn_processor(CollapsedPaddingProcessor(copies))
+
+
+def restore_attention(transformer) -> None:
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    transformer.set_attn_processor(JointAttnProcessor2_0())
+
+
+def with_padding_token(clip_context: torch.Tensor) -> torch.Tensor:
+    return torch.cat([clip_context, clip_context.new_zeros(clip_context.shape[0], 1, clip_context.shape[2])], 1)
+
+
+def loss_on_batch(transformer, z0, clip_context, pooled, noise, t) -> torch.Tensor:
+    """Rectified-flow loss; `transformer` must have had `collapse_padding` applied.
+
+    z0, noise: (B, 4, 8, 8); clip_context: (B, 32, joint dim) — the CLIP part of the
+    pipeline's prompt embeddings; pooled: (B, pooled dim); t ∈ (0, 1): (B,).
+    """
+    t_ = t.view(-1, 1, 1, 1)
+    zt = (1 - t_) * z0 + t_ * noise
+    target = noise - z0
+    pred = transformer(
+        hidden_states=zt,
+        timestep=t * 1000,
+        encoder_hidden_states=with_padding_token(clip_context),
+        pooled_projections=pooled,
+    ).sample
+    return F.mse_loss(pred, target)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@torch.no_grad()
+def measure_latent_factors(vae, device, n: int = 512) -> tuple[float, float]:
+    """SD3's (shift_factor, scaling_factor): the latents' mean, and 1 / their std after shifting."""
+    _, images = sample_batch(batch_rng(SEED + 100, 0), n)
+    g = torch.Generator(device).manual_seed(SEED)
+    latents = vae.encode(images.to(device)).latent_dist.sample(generator=g)
+    shift = latents.mean().item()
+    return round(shift, 5), round(1.0 / (latents - shift).std().item(), 5)
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pipe.encode_prompt` of each caption: the CLIP tokens (B, 32, dim) and pooled (B, dim).
+
+    The remaining T5_TOKENS positions of the pipeline's embeddings are zeros (checked)."""
+    n_clip = pipe.tokenizer_max_length
+    contexts, pooled = [], []
+    for start in range(0, len(captions), 256):
+        chunk = captions[start : start + 256]
+        embeds, _, pool, _ = pipe.encode_prompt(
+            prompt=chunk,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=T5_TOKENS,
+        )
+        assert embeds.shape[1] == n_clip + T5_TOKENS and not embeds[:, n_clip:].any()
+        contexts.append(embeds[:, :n_clip].float().cpu())
+        pooled.append(pool.float().cpu())
+    return torch.cat(contexts), torch.cat(pooled)
+
+
+def build_pipeline(transformer, vae, text_encoder, text_encoder_2, tokenizer):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(work: Path, out: Path, steps: int = STEPS) -> None:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection
+
+    from .sd import build_latent_dataset
+
+    started = time.time()
+    device = pick_device()
+    tokenizer = build_tokenizer()
+    vae = AutoencoderKL.from_pretrained(out / "toy-vae", dtype=torch.float32).to(device).eval()
+    towers = [
+        CLIPTextModelWithProjection.from_pretrained(out / "toy-clip", dtype=torch.float32)
+        .to(device)
+        .eval()
+        .requires_grad_(False)
+        for _ in range(2)
+    ]
+    shift, scale = measure_latent_factors(vae, device)
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    transformer = build_transformer(
+        joint_attention_dim=sum(t.config.hidden_size for t in towers),
+        pooled_projection_dim=sum(t.config.projection_dim for t in towers),
+    ).to(device)
+    pipe = build_pipeline(transformer, vae, towers[0], towers[1], tokenizer)
+
+    data = build_latent_dataset(vae, work / "sd3_latents.safetensors", device, n=DATASET)
+    distinct = sorted(set(data["captions"])) + [""]
+    row = {c: i for i, c in enumerate(distinct)}
+    caption_rows = torch.tensor([row[c] for c in data["captions"]])
+    contexts, pooled_all = encode_captions(pipe, distinct, device)
+    contexts, pooled_all = contexts.to(device), pooled_all.to(device)
+    empty = row[""]
+
+    opt = build_optimizer(transformer)
+    ema = EMA(transformer, decay=0.999)
+    modules = {"transformer": transformer}
+    ckpt = work / "sd3.safetensors"
+    clock = work / "sd3_seconds.json"
+    start = load_checkpoint(ckpt, modules, opt, ema) if ckpt.exists() else 0
+    spent = json.loads(clock.read_text())["seconds"] if start and clock.exists() else 0.0
+    collapse_padding(transformer)
+    transformer.train()
+    tick, ticked = time.time(), 0
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
+        index = torch.randint(0, len(caption_rows), (BATCH,), generator=g)
+        z0 = (data["mean"][index] + data["std"][index] * torch.randn(BATCH, 4, 8, 8, generator=g) - shift) * scale
+        rows = caption_rows[index].clone()
+        rows[torch.rand(BATCH, generator=g) < CAPTION_DROPOUT] = empty
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.sigmoid(torch.randn(BATCH, generator=g) * LOGIT_STD + LOGIT_MEAN)
+        rows = rows.to(device)
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(step / steps * math.pi))
+        for group in opt.param_groups:
+            group["lr"] = warmup_lr(step, LR, WARMUP) * decay
+        loss = loss_on_batch(
+            transformer, z0.to(device), contexts[rows], pooled_all[rows], noise.to(device), t.to(device)
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        ema.update(transformer)
+        ticked += 1
+        if step % 50 == 0 or step == steps - 1:
+            log("sd3", step, steps, loss=loss.item(), s_per_step=(time.time() - tick) / ticked)
+            tick, ticked = time.time(), 0
+        if (step + 1) % 250 == 0:
+            save_checkpoint(ckpt, modules, opt, step + 1, ema)
+            clock.write_text(json.dumps({"seconds": spent + time.time() - started}))
+    save_checkpoint(ckpt, modules, opt, steps, ema)
+    seconds = spent + time.time() - started
+    clock.write_text(json.dumps({"seconds": seconds}))
+    ema.copy_to(transformer)
+    restore_attention(transformer)
+    transformer.eval()
+    facts = {
+        "data": f"{len(caption_rows)} fixed renders ({len(distinct) - 1} distinct captions), "
+        f"{steps} steps × batch {BATCH}, captions dropped with p = {CAPTION_DROPOUT}",
+        "objective": "rectified flow, v = ε - z_0, logit-normal(0, 1) timesteps, EMA 0.999",
+        "text": "two frozen copies of the toy CLIP text tower (penultimate layer, pooled projection), no T5",
+        "latents": f"toy-vae, shift_factor {shift}, scaling_factor {scale}",
+        "scheduler": f"FlowMatchEulerDiscreteScheduler(shift={SHIFT})",
+    }
+    export(out, pipe, facts, seconds)
+
+
+def export(out: Path, pipe, facts: dict, seconds: float | None = None) -> None:
+    """Save a folder that `StableDiffusion3Pipeline.from_pretrained` loads (weights in fp16)."""
+    from .cards import hardware, write_card
+
+    folder = out / "toy-sd3"
+    params = sum(p.numel() for p in pipe.transformer.parameters())
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):  # vocab.json + merges.txt too, as toy-clip ships them
+        save_tokenizer(getattr(pipe, name), folder / name)
+    config = pipe.transformer.config
+    write_card(
+        folder,
+        "toy-sd3",
+        "A Stable Diffusion 3 style MM-DiT (joint text-image attention) trained with rectified flow "
+        "on toy-world renders, in the toy VAE's latent space, conditioned on two toy CLIP text towers.",
+        {
+            **facts,
+            "transformer": f"{config.num_layers} joint blocks, {config.num_attention_heads} heads × "
+            f"{config.attention_head_dim}, patch {config.patch_size}, {params / 1e6:.2f} M parameters",
+            "hardware": hardware(),
+            **({"time": f"{seconds:.0f} s"} if seconds else {}),
+        },
+        {},
+    )

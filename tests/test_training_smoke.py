@@ -1,0 +1,215 @@
+"""Smoke tests of the toy-model training stages (clip, vae, sd, sd3).
+
+For each stage, with its own model builder and loss on one fixed tiny batch: a few
+optimizer steps lower the loss (overfitting a fixed batch must), and a checkpoint saved
+with `common.save_checkpoint` and loaded into fresh modules restores weights, EMA and
+optimizer state exactly, so that the next step equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from studio.toyworld.train import clip, common, sd, sd3, vae
+
+STAGES = ("clip", "vae", "sd", "sd3")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return common.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    captions, images = common.sample_batch(random.Random(0), 4)
+    return captions, images
+
+
+@dataclass
+class Run:
+    modules: dict[str, torch.nn.Module]
+    opt: torch.optim.Optimizer
+    ema: common.EMA | None
+    loss: Callable[[], torch.Tensor]
+    clip_grad: float | None = None
+
+    def step(self) -> float:
+        loss = self.loss()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad:
+            params = [p for m in self.modules.values() for p in m.parameters()]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self._ema_target())
+        return loss.item()
+
+    def _ema_target(self) -> torch.nn.Module:
+        return next(iter(self.modules.values())) if len(self.modules) == 1 else torch.nn.ModuleDict(self.modules)
+
+
+def text_config(tokenizer):
+    return clip.build_model(tokenizer).config.text_config
+
+
+def make_run(stage: str, tokenizer, pairs, seed: int) -> Run:
+    """The stage's model, optimizer, EMA and loss, as its train() sets them up, on a fixed batch."""
+    captions, images = pairs
+    torch.manual_seed(seed)
+    ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    if stage == "clip":
+        model = clip.build_model(tokenizer)
+        opt = torch.optim.AdamW(model.parameters(), lr=clip.LR, weight_decay=0.01)
+        pixels = clip.clip_pixels(images)
+        return Run({"clip": model}, opt, None, lambda: clip.loss_on_batch(model, ids, pixels, captions)[0])
+    if stage == "vae":
+        model = vae.build_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=vae.LR, weight_decay=0.0)
+        few = images[:2]
+        return Run({"vae": model}, opt, common.EMA(model, 0.995), lambda: vae.loss_on_batch(model, few)[0], 1.0)
+    g = torch.Generator().manual_seed(100)  # the fixed batch: latents, noise, timesteps
+    z0 = torch.randn(len(captions), 4, 8, 8, generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    if stage == "sd":
+        from diffusers import DDPMScheduler
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel(text_config(tokenizer))
+        unet = sd.build_unet(text_encoder.config.hidden_size)
+        scheduler = DDPMScheduler(**sd.scheduler_config())
+        t = torch.randint(0, 1000, (len(captions),), generator=g)
+        opt = torch.optim.AdamW(
+            [{"params": unet.parameters(), "lr": sd.LR}, {"params": text_encoder.parameters(), "lr": sd.TEXT_LR}],
+            weight_decay=0.01,
+        )
+        modules = {"unet": unet, "text_encoder": text_encoder}
+        alphas = scheduler.alphas_cumprod
+
+        def loss():
+            return sd.loss_on_batch(unet, text_encoder, scheduler, alphas, z0, ids, noise, t)
+
+        return Run(modules, opt, common.EMA(torch.nn.ModuleDict(modules), 0.999), loss, 1.0)
+    assert stage == "sd3"
+    from transformers import CLIPTextModelWithProjection
+
+    towers = [CLIPTextModelWithProjection(text_config(tokenizer)).eval() for _ in range(2)]
+    transformer = sd3.build_transformer()
+    pipe = sd3.build_pipeline(transformer, None, towers[0], towers[1], tokenizer)
+    context, pooled = sd3.encode_captions(pipe, captions, torch.device("cpu"))
+    t = torch.sigmoid(torch.randn(len(captions), generator=g))
+    sd3.collapse_padding(transformer)
+    opt = sd3.build_optimizer(transformer)
+
+    def loss():
+        return sd3.loss_on_batch(transformer, z0, context, pooled, noise, t)
+
+    return Run({"transformer": transformer}, opt, common.EMA(transformer, 0.999), loss, 1.0)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_steps_on_a_fixed_batch_lower_the_loss(stage, tokenizer, pairs):
+    run = make_run(stage, tokenizer, pairs, seed=0)
+    torch.manual_seed(1)
+    losses = [run.step() for _ in range(20)]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.8 * first, f"{stage}: {losses}"
+
+
+def optimizer_tensors(opt) -> dict:
+    return {(pid, k): v.clone() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
+
+
+def weights(run: Run) -> dict:
+    return {(n, k): v.clone() for n, m in run.modules.items() for k, v in m.state_dict().items()}
+
+
+def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = torch.as_tensor(a[k]).float(), torch.as_tensor(b[k]).float()
+        assert x.shape == y.shape and torch.allclose(x, y, rtol=0, atol=atol), k
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_restores_state_and_continues_identically(stage, tokenizer, pairs, tmp_path):
+    a = make_run(stage, tokenizer, pairs, seed=0)
+    torch.manual_seed(1)
+    for _ in range(2):
+        a.step()
+    ckpt = tmp_path / "ckpt.safetensors"
+    common.save_checkpoint(ckpt, a.modules, a.opt, 2, a.ema)
+    saved = (weights(a), optimizer_tensors(a.opt), dict(a.ema.shadow) if a.ema else None)
+    torch.manual_seed(2)  # the next step's randomness (the VAE's posterior sample)
+    a.step()
+
+    b = make_run(stage, tokenizer, pairs, seed=1)  # a different initialisation
+    assert not all(torch.equal(v, saved[0][k]) for k, v in weights(b).items())
+    assert common.load_checkpoint(ckpt, b.modules, b.opt, b.ema) == 2
+    assert_same(weights(b), saved[0])
+    assert_same(optimizer_tensors(b.opt), saved[1])
+    assert b.opt.state_dict()["param_groups"][0]["lr"] == a.opt.state_dict()["param_groups"][0]["lr"]
+    if b.ema:
+        assert_same(b.ema.shadow, saved[2])
+        assert b.ema.updates == 2
+    torch.manual_seed(2)
+    b.step()
+    assert_same(weights(b), weights(a), atol=1e-6)
+    assert_same(optimizer_tensors(b.opt), optimizer_tensors(a.opt), atol=1e-6)
+    if b.ema:
+        assert_same(b.ema.shadow, a.ema.shadow, atol=1e-6)
+
+
+def test_sd3_collapsed_padding_equals_the_pipelines_full_context(tokenizer):
+    """One zero token weighted ×256 in attention = the 256 zero T5 tokens encode_prompt appends."""
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    towers = [CLIPTextModelWithProjection(text_config(tokenizer)).eval() for _ in range(2)]
+    transformer = sd3.build_transformer().eval()
+    pipe = sd3.build_pipeline(transformer, None, towers[0], towers[1], tokenizer)
+    captions = ["a red circle on the left", ""]
+    full, _, pooled, _ = pipe.encode_prompt(captions, None, None, device="cpu", do_classifier_free_guidance=False)
+    context, pooled_2 = sd3.encode_captions(pipe, captions, torch.device("cpu"))
+    assert full.shape[1] == 32 + sd3.T5_TOKENS and torch.equal(full[:, :32], context)
+    assert torch.allclose(pooled, pooled_2, atol=1e-6)
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        reference = transformer(z, encoder_hidden_states=full, pooled_projections=pooled, timestep=t * 1000).sample
+        sd3.collapse_padding(transformer)
+        ctx = sd3.with_padding_token(context)
+        collapsed = transformer(z, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t * 1000).sample
+    assert torch.allclose(reference, collapsed, atol=1e-5)
+
+
+def test_sd3_export_loads_and_generates(tokenizer, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    towers = [CLIPTextModelWithProjection(text_config(tokenizer)).eval() for _ in range(2)]
+    autoencoder = vae.build_model()
+    autoencoder.register_to_config(shift_factor=0.1, scaling_factor=0.9)
+    pipe = sd3.build_pipeline(sd3.build_transformer(), autoencoder, towers[0], towers[1], tokenizer)
+    sd3.export(tmp_path, pipe, {"data": "none"})
+    loaded = StableDiffusion3Pipeline.from_pretrained(
+        tmp_path / "toy-sd3", dtype=torch.float32, text_encoder_3=None, tokenizer_3=None
+    )
+    assert loaded.vae.config.shift_factor == 0.1 and loaded.scheduler.config.shift == sd3.SHIFT
+    image = loaded("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert (tmp_path / "toy-sd3" / "README.md").exists()
