@@ -438,7 +438,9 @@ def build(
                 delete_button = gr.Button("Delete", variant="stop")
             with gr.Row():
                 # (label, tab id) of the tabs the app has that take an image
-                send_buttons = [(gr.Button(f"Send to {label}", size="sm"), tab) for label, tab in send_targets]
+                send_buttons = [
+                    (gr.Button(f"Send to {label}", size="sm"), tab) for label, tab in send_targets
+                ]
             details = gr.JSON(label="Settings", value=None)
             import_file = gr.File(
                 label="Import PNG", file_types=[".png"], type="filepath", file_count="single"

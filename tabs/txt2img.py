@@ -270,6 +270,7 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
                     images: [(item.image_path, f"seed {item.seed}") for item in items],
                     info: text,
                     seed: -1 if settings.seed is None else settings.seed,
+                    preview: None,
                 }
                 return
 

@@ -76,7 +76,9 @@ def loss_on_batch(model, ids: torch.Tensor, pixel_values: torch.Tensor, captions
     # Identical captions in one batch are all positives of each other.
     same = torch.tensor([[a == b for b in captions] for a in captions], device=device, dtype=torch.float32)
     targets = same / same.sum(1, keepdim=True)
-    loss = (F.cross_entropy(out_.logits_per_text, targets) + F.cross_entropy(out_.logits_per_image, targets)) / 2
+    loss = (
+        F.cross_entropy(out_.logits_per_text, targets) + F.cross_entropy(out_.logits_per_image, targets)
+    ) / 2
     return loss, out_
 
 

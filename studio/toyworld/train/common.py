@@ -133,7 +133,7 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
     for pid, state in opt["state"].items():
         for k, v in state.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().reshape(-1) if v.dim() == 0 else v.cpu()
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars.setdefault("opt_scalars", {})[f"{pid}.{k}"] = v
     scalars["param_groups"] = opt["param_groups"]
@@ -155,11 +155,16 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
     if ema is not None:
         ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
         ema.updates = scalars["ema_updates"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
             _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v.reshape(()) if name == "step" else v
+            if name == "step":
+                v = v.reshape(())
+            elif v.shape != params[int(pid)].shape and v.numel() == params[int(pid)].numel():
+                v = v.reshape(params[int(pid)].shape)  # checkpoints that stored 0-dim state as (1,)
+            state.setdefault(int(pid), {})[name] = v
     for k, v in scalars.get("opt_scalars", {}).items():
         pid, name = k.split(".", 1)
         state.setdefault(int(pid), {})[name] = v

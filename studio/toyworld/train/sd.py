@@ -19,7 +19,6 @@ import torch
 
 from .common import (
     EMA,
-    build_tokenizer,
     images_to_tensor,
     load_checkpoint,
     log,
@@ -110,14 +109,15 @@ def loss_on_batch(unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t
 
 def train(work: Path, out: Path, steps: int = STEPS) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     device = pick_device()
-    tokenizer = build_tokenizer()
+    # The tokenizer toy CLIP was trained with: build_tokenizer()'s BPE ids vary between processes.
+    tokenizer = CLIPTokenizer.from_pretrained(out / "toy-clip")
     vae = AutoencoderKL.from_pretrained(out / "toy-vae", dtype=torch.float32).to(device).eval()
     text_encoder = CLIPTextModel.from_pretrained(out / "toy-clip", dtype=torch.float32).to(device)
     unet = build_unet(text_encoder.config.hidden_size).to(device)
-    noise_scheduler = DDPMScheduler(**scheduler_config())
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config())  # ignores DDIM-only keys
     data = build_latent_dataset(vae, work / "sd_latents.safetensors", device)
     ids_all = tokenizer(
         data["captions"], padding="max_length", truncation=True, return_tensors="pt"
