@@ -43,3 +43,10 @@ def studio(tmp_path, manager):
     s = Studio(Paths(db=tmp_path / "gallery.db", images=tmp_path / "images"), manager)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")

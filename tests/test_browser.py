@@ -203,3 +203,24 @@ def test_picking_a_model_brings_its_defaults(page, app, capfd):
     assert page.get_by_label("Sampler").input_value() == "(model default)"
     assert page.errors == []
     assert server_tracebacks(capfd) == ""
+
+
+def test_stop_cancels_within_a_step_and_stores_nothing(page, app, capfd):
+    open_app(page, app.url)
+    before = app.studio.gallery.count()
+    prompt_box(page).fill("three yellow triangles")
+    number(page, "Steps").fill("150")
+    number(page, "Steps").press("Enter")
+    page.click("#t2i-generate")
+    page.wait_for_selector(".progress-text, .eta-bar", state="attached")
+    page.click("#t2i-stop")
+    page.wait_for_function("document.querySelector('#t2i-info').innerText.includes('Cancelled')")
+    assert app.studio.gallery.count() == before
+    # The lane is free again: the next generation runs.
+    number(page, "Steps").fill("3")
+    number(page, "Steps").press("Enter")
+    page.click("#t2i-generate")
+    page.wait_for_function("document.querySelector('#t2i-info').innerText.includes('seeds')")
+    assert app.studio.gallery.count() == before + 1
+    assert page.errors == []
+    assert server_tracebacks(capfd) == ""

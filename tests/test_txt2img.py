@@ -175,3 +175,48 @@ def test_family_checks(tiny_sd, tiny_sd3, manager):
         run(settings(tiny_sd, shift=3.0), manager)
     r = run(settings(tiny_sd3, scheduler="Flow Euler", shift=1.0), manager)
     assert r.family == "sd3"
+
+
+def test_sdxl_micro_conditioning_reaches_the_unet_and_matches_diffusers(tiny_sdxl, manager):
+    from diffusers import StableDiffusionXLPipeline
+
+    s = settings(
+        tiny_sdxl, scheduler="Euler", original_size=(512, 512), crop_top_left=(16, 0), target_size=(64, 64)
+    )
+    ours = run(s, manager).images[0]
+    bare = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, dtype=torch.float32)
+    theirs = bare(
+        "a red circle on the left",
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        width=64,
+        height=64,
+        original_size=(512, 512),
+        crops_coords_top_left=(16, 0),
+        target_size=(64, 64),
+        generator=[torch.Generator("cpu").manual_seed(7)],
+    ).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    plain = run(settings(tiny_sdxl, scheduler="Euler"), manager).images[0]
+    assert not np.array_equal(np.asarray(ours), np.asarray(plain))
+
+
+def test_sdxl_refiner_takes_over_the_last_steps(tiny_sdxl, manager):
+    pipe = manager.base(str(tiny_sdxl))
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        r = run(
+            settings(tiny_sdxl, scheduler="Euler", steps=10, refiner=str(tiny_sdxl), refiner_fraction=0.6),
+            manager,
+        )
+    finally:
+        handle.remove()
+    assert r.images[0].size == (64, 64)
+    assert len(calls) == 10  # 6 base steps + 4 refiner steps, one batched forward each
+
+
+def test_sdxl_prompt_weighting(tiny_sdxl, manager):
+    plain = run(settings(tiny_sdxl, scheduler="Euler", prompt="a red circle"), manager).images[0]
+    weighted = run(settings(tiny_sdxl, scheduler="Euler", prompt="a (red:1.8) circle"), manager).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(weighted))
