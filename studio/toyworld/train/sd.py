@@ -24,6 +24,7 @@ from .common import (
     log,
     pick_device,
     save_checkpoint,
+    save_tokenizer,
     warmup_lr,
 )
 
@@ -178,3 +179,4 @@ def export(out: Path, vae, text_encoder, tokenizer, unet) -> None:
         requires_safety_checker=False,
     )
     pipe.to(torch.float16).save_pretrained(out / "toy-sd", safe_serialization=True)
+    save_tokenizer(tokenizer, out / "toy-sd" / "tokenizer")  # vocab.json + merges.txt too
