@@ -102,11 +102,14 @@ class Studio:
             )
         return items
 
-    def preview(self, latents, model: str, family: str):
-        """A quick RGB look at a step's latents (one linear map, no VAE), at the image's size."""
+    @staticmethod
+    def preview(latents, spec):
+        """A quick RGB look at a step's latents (one linear map, no VAE), at the image's size.
+
+        `spec` is the model's ModelSpec, resolved once per run rather than at every step."""
         from .preview import LATENT_RGB, latents_to_rgb
 
-        factors = self.models.resolve(model).defaults.get("latent_rgb") or LATENT_RGB.get(family)
+        factors = spec.defaults.get("latent_rgb") or LATENT_RGB.get(spec.family)
         if factors is None or latents is None or latents.dim() != 4 or latents.shape[1] != len(factors):
             return None
         image = latents_to_rgb(latents[:1], factors)[0]

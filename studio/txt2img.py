@@ -88,19 +88,33 @@ class Result:
         return self.settings.replace(seed=self.seeds[index], batch_size=1, batch_count=1)
 
 
+def model_defaults(spec) -> dict:
+    """A model's sampling defaults: its catalog entry's, else the family's usual ones.
+
+    width/height are None when the catalog doesn't say: the denoiser's native size applies.
+    """
+    d = spec.defaults
+    return {
+        "steps": d.get("steps", 25),
+        "guidance": d.get("guidance", 7.0),
+        "width": d.get("width"),
+        "height": d.get("height"),
+        "scheduler": d.get("scheduler", "Flow Euler" if spec.family in FLOW_FAMILIES else "DDIM"),
+    }
+
+
 def resolve(settings: Txt2ImgSettings, models: ModelManager) -> tuple[Txt2ImgSettings, str]:
     """Fill every unset value from the model's defaults and draw a seed if none was given."""
     spec = models.resolve(settings.model)
-    d = spec.defaults
+    d = model_defaults(spec)
     family = spec.family
     resolved = settings.replace(
         seed=settings.seed if settings.seed is not None else random.SystemRandom().randint(0, MAX_SEED),
-        steps=settings.steps or d.get("steps", 25),
-        guidance=settings.guidance if settings.guidance is not None else d.get("guidance", 7.0),
-        width=settings.width or d.get("width"),
-        height=settings.height or d.get("height"),
-        scheduler=settings.scheduler
-        or d.get("scheduler", "Flow Euler" if family in FLOW_FAMILIES else "DDIM"),
+        steps=settings.steps or d["steps"],
+        guidance=settings.guidance if settings.guidance is not None else d["guidance"],
+        width=settings.width or d["width"],
+        height=settings.height or d["height"],
+        scheduler=settings.scheduler or d["scheduler"],
     )
     if family != "unknown":
         check_scheduler(resolved.scheduler, family)

@@ -16,7 +16,7 @@ from studio.presets import list_presets, load_preset, save_preset, share_url
 from studio.progress import Cancelled, CancelToken
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
-from studio.txt2img import Txt2ImgSettings
+from studio.txt2img import Txt2ImgSettings, model_defaults
 
 from .common import GPU_LANE, Bus, make_bus, on_gpu, user_errors, user_errors_gen
 
@@ -216,14 +216,13 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
         }
 
     @user_errors
-    def model_defaults(name):
-        spec = models.resolve(name)
-        d = spec.defaults
+    def show_model_defaults(name):
+        d = model_defaults(models.resolve(name))
         return {
-            steps: d.get("steps", 25),
-            guidance: d.get("guidance", 7.0),
-            width: d.get("width", 512),
-            height: d.get("height", 512),
+            steps: d["steps"],
+            guidance: d["guidance"],
+            width: d["width"] or 512,
+            height: d["height"] or 512,
             scheduler: MODEL_DEFAULT,
         }
 
@@ -234,13 +233,13 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
         token = tokens.setdefault(request.session_hash if request else "", CancelToken())
         token.reset()
         updates: queue.Queue = queue.Queue()
-        family = models.resolve(settings.model).family
+        spec = models.resolve(settings.model)
 
         def on_step(step):
             token.check()
             progress(step.fraction, desc=f"step {step.step}/{step.total}")
             if step.latents is not None and (step.step % PREVIEW_EVERY == 0):
-                updates.put(("preview", studio.preview(step.latents, settings.model, family)))
+                updates.put(("preview", studio.preview(step.latents, spec)))
 
         def work():
             try:
@@ -319,7 +318,9 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
 
     # .input, not .change: only a model the user picks brings its defaults; restored settings
     # (share links, the gallery's "Restore settings") set the model and keep their own values
-    model.input(model_defaults, model, [steps, guidance, width, height, scheduler], api_visibility="private")
+    model.input(
+        show_model_defaults, model, [steps, guidance, width, height, scheduler], api_visibility="private"
+    )
     generate.click(
         run_generation,
         form,

@@ -137,9 +137,10 @@ def test_prompt_weighting_changes_the_conditioning(tiny_sd, manager):
 
 def test_previews_reach_on_step(tiny_sd, studio):
     previews = []
+    spec = studio.models.resolve(str(tiny_sd))
     studio.txt2img(
         settings(tiny_sd, steps=3),
-        on_step=lambda info: previews.append(studio.preview(info.latents, str(tiny_sd), "sd")),
+        on_step=lambda info: previews.append(studio.preview(info.latents, spec)),
         store=False,
     )
     assert len(previews) == 3 and previews[0].size == (64, 64)
