@@ -16,9 +16,10 @@ from studio.models import ModelManager
 from studio.presets import decode_link
 from studio.service import Paths, Studio
 from studio.settings import SettingsError
+from tabs import editing as editing_tab
 from tabs import gallery as gallery_tab
 from tabs import txt2img as txt2img_tab
-from tabs.common import bus_message, make_bus
+from tabs.common import TAB_IDS, bus_message, make_bus
 from tabs.launch import launch_options
 
 TITLE = "Latent Studio"
@@ -33,8 +34,10 @@ def build_app(studio: Studio) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 txt2img_tab.build(studio, bus)
+            with gr.Tab("Editing", id="editing"):
+                editing_tab.build(studio, bus)
             with gr.Tab("Gallery", id="gallery") as gallery:
-                gallery_ui = gallery_tab.build(studio, bus)
+                gallery_ui = gallery_tab.build(studio, bus, send_targets=[("editing", "editing")])
 
         def route(message):
             target = (message or {}).get("target")
@@ -53,7 +56,9 @@ def build_app(studio: Studio) -> gr.Blocks:
             except SettingsError as exc:
                 gr.Warning(f"This share link can't be opened: {exc}")
                 return None
-            return bus_message(settings.technique, settings.to_dict())
+            # the tab that runs the technique (sdedit and ip2p share the Editing tab)
+            target = TAB_IDS.get(settings.technique, settings.technique)
+            return bus_message(target, settings.to_dict())
 
         demo.load(open_link, None, bus.message, api_visibility="private")
     return demo

@@ -2,6 +2,8 @@
 
     python -m studio txt2img --model toy-sd --prompt "a red circle on the left" --out out.png
     python -m studio txt2img --prompts-file prompts.txt --out-dir outs/
+    python -m studio sdedit --image in.png --prompt "a blue circle in the center" --strength 0.6 --out out.png
+    python -m studio ip2p --image in.png --instruction "make the circle blue" --out out.png
     python -m studio models
 
 Errors a user can cause end the program with exit status 2 and one line on stderr.
@@ -62,8 +64,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out-dir", type=Path, help="output folder (with --prompts-file, or for a batch)")
     t.add_argument("--no-gallery", action="store_true", help="do not store into the gallery")
 
+    e = sub.add_parser("sdedit", help="edit an image by a prompt (SDEdit / img2img)", parents=[common])
+    e.add_argument("--model", default="toy-sd")
+    e.add_argument("--image", type=Path, required=True, help="the picture to edit")
+    e.add_argument("--prompt", required=True)
+    e.add_argument("--strength", type=float, default=0.6, help="0 keeps the image, 1 is text-to-image")
+    e.add_argument("--negative-prompt", default="")
+    e.add_argument("--scheduler")
+    e.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="PATH[:WEIGHT]")
+    e.add_argument("--shift", type=float)
+    _edit_arguments(e)
+
+    p = sub.add_parser("ip2p", help="edit an image by an instruction (InstructPix2Pix)", parents=[common])
+    p.add_argument("--model", default="toy-instruct-pix2pix")
+    p.add_argument("--image", type=Path, required=True, help="the picture to edit")
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--image-guidance", type=float, help="s_I: how closely to keep the input")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--scheduler")
+    _edit_arguments(p)
+
     sub.add_parser("models", help="list the catalog", parents=[common])
     return parser
+
+
+def _edit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float, help="text guidance (CFG)")
+    parser.add_argument("--fit", default="crop", help="crop or resize the input to a multiple of 8")
+    parser.add_argument("--out", type=Path, required=True, help="output PNG")
+    parser.add_argument("--no-gallery", action="store_true", help="do not store into the gallery")
 
 
 def txt2img_command(args, studio) -> int:
@@ -121,6 +152,47 @@ def txt2img_command(args, studio) -> int:
     return 0
 
 
+def edit_command(args, studio) -> int:
+    """sdedit / ip2p: one edited image to --out; with the gallery, the input becomes its parent."""
+    from .ip2p import InstructPix2PixSettings
+    from .sdedit import SDEditSettings
+
+    common = dict(
+        model=args.model,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
+        fit=args.fit,
+    )
+    if args.command == "sdedit":
+        settings = SDEditSettings(
+            prompt=args.prompt, strength=args.strength, loras=tuple(args.lora), shift=args.shift, **common
+        )
+        result, items = studio.sdedit(settings, args.image, store=not args.no_gallery)
+    else:
+        settings = InstructPix2PixSettings(
+            instruction=args.instruction, image_guidance=args.image_guidance, **common
+        )
+        result, items = studio.ip2p(settings, args.image, store=not args.no_gallery)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return _write_one(args.out, result, items)
+
+
+def _write_one(out: Path, result, items) -> int:
+    from .pngmeta import write_png
+    from .service import infotext
+
+    s = result.image_settings(0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_png(out, result.images[0], infotext(s, result.family), s.to_dict())
+    stored = f"\tgallery #{items[0].id} (parent #{items[0].parent_id})" if items else ""
+    print(f"{out}\tseed {s.seed}{stored}")
+    return 0
+
+
 def models_command(_args, studio) -> int:
     for spec in studio.models.catalog.values():
         print(f"{spec.name:20s} {spec.kind:8s} {spec.family:12s} {spec.source}")
@@ -135,7 +207,12 @@ def main(argv=None) -> int:
     from .settings import SettingsError
 
     studio = Studio(Paths.from_env(args.data_dir), ModelManager(device=args.device))
-    commands = {"txt2img": txt2img_command, "models": models_command}
+    commands = {
+        "txt2img": txt2img_command,
+        "sdedit": edit_command,
+        "ip2p": edit_command,
+        "models": models_command,
+    }
     try:
         return commands[args.command](args, studio)
     except (CliError, SettingsError, ModelError, GalleryError) as exc:

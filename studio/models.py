@@ -31,7 +31,11 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 
 # Pipeline class per family and task. Families absent from a task cannot do it.
 PIPELINES = {
-    "sd": {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline"},
+    "sd": {
+        "txt2img": "StableDiffusionPipeline",
+        "img2img": "StableDiffusionImg2ImgPipeline",
+        "ip2p": "StableDiffusionInstructPix2PixPipeline",
+    },
     "sdxl": {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline"},
     "sdxl-refiner": {"img2img": "StableDiffusionXLImg2ImgPipeline"},
     "sd3": {"txt2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline"},
@@ -39,6 +43,7 @@ PIPELINES = {
 }
 CLASS_FAMILY = {
     "StableDiffusionPipeline": "sd",
+    "StableDiffusionInstructPix2PixPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl-refiner",
     "StableDiffusion3Pipeline": "sd3",
@@ -56,7 +61,7 @@ class ModelSpec:
     name: str
     source: str  # hub id, folder or file
     family: str
-    kind: str = "pipeline"  # or "lora"
+    kind: str = "pipeline"  # or "ip2p" (an InstructPix2Pix pipeline), "lora"
     description: str = ""
     defaults: dict = field(default_factory=dict, hash=False, compare=False)
     single_file: bool = False
@@ -93,6 +98,7 @@ def load_catalog(path: Path = CATALOG_PATH) -> dict[str, ModelSpec]:
                 "distilled",
                 "refiner",
                 "latent_rgb",
+                "image_guidance",
             )
             if k in e
         }
@@ -197,8 +203,8 @@ class ModelManager:
             self._catalog = load_catalog()
         return self._catalog
 
-    def pipelines(self) -> list[ModelSpec]:
-        return [s for s in self.catalog.values() if s.kind == "pipeline"]
+    def pipelines(self, kind: str = "pipeline") -> list[ModelSpec]:
+        return [s for s in self.catalog.values() if s.kind == kind]
 
     def loras(self) -> list[ModelSpec]:
         return [s for s in self.catalog.values() if s.kind == "lora"]
@@ -270,7 +276,7 @@ class ModelManager:
     def base(self, name: str):
         """The cached base pipeline of a model, loaded on first use. Caller holds the lane."""
         spec = self.resolve(name)
-        if spec.kind != "pipeline":
+        if spec.kind not in ("pipeline", "ip2p"):
             raise ModelError(
                 f"{spec.name} is a {spec.kind}, not a base model; add it to a LoRA stack instead"
             )
@@ -372,6 +378,7 @@ class ModelManager:
             spec = self.resolve(name)
             family = spec.family if spec.family != "unknown" else _family_of_pipe(base)
             cls = self._pipeline_class(family, task)
+            _check_task(spec, base, task)
             pipe = base if type(base) is cls else cls.from_pipe(base)
             pipe.set_progress_bar_config(disable=True)
             denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
@@ -430,6 +437,23 @@ class ModelManager:
         raise ModelError(f"LoRA {source!r} not found: give a catalog name, a .safetensors file or a folder")
 
 
+def _check_task(spec: ModelSpec, pipe, task: str) -> None:
+    """InstructPix2Pix UNets take 8 input channels (noisy latent + image latent); others 4."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        if task == "ip2p":
+            raise ModelError(f"{spec.name} is not an InstructPix2Pix model (it has no UNet)")
+        return
+    channels = unet.config.in_channels
+    if task == "ip2p" and channels != 8:
+        raise ModelError(
+            f"{spec.name} is not an InstructPix2Pix model: its UNet takes {channels} input channels, "
+            "InstructPix2Pix needs 8 (the noisy latent and the input image's latent)"
+        )
+    if task != "ip2p" and channels == 8:
+        raise ModelError(f"{spec.name} is an InstructPix2Pix model: use it for instruction editing (ip2p)")
+
+
 def _family_of_pipe(pipe) -> str:
     name = type(pipe).__name__
     if name not in CLASS_FAMILY:
@@ -450,6 +474,11 @@ def _first_line(exc: Exception) -> str:
 def _load_failure(spec: ModelSpec, exc: Exception) -> str:
     if spec.local:
         return f"model {spec.name!r} at {spec.source} could not be loaded: {_first_line(exc)}"
+    if Path(spec.source).is_relative_to(REPO_ROOT / "assets" / "models"):
+        return (
+            f"the toy model {spec.name!r} is not in this checkout ({spec.source} is missing); "
+            "train it with `python -m studio.toyworld.train`"
+        )
     return (
         f"model {spec.name!r} ({spec.source}) is not in the local Hugging Face cache and the Hub "
         f"could not be reached ({_first_line(exc)}). Download it on a connected machine "

@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import txt2img
-from .gallery import Gallery, GalleryItem
+from . import ip2p, sdedit, txt2img
+from .gallery import Gallery, GalleryError, GalleryItem
+from .images import open_image
 from .models import ModelManager
 from .pngmeta import format_infotext
 
@@ -45,6 +46,10 @@ def infotext(settings, family: str = "") -> str:
         "Size": f"{settings.width}x{settings.height}",
         "Model": settings.model,
     }
+    if getattr(settings, "strength", None) is not None:
+        params["Denoising strength"] = settings.strength
+    if getattr(settings, "image_guidance", None) is not None:
+        params["Image CFG scale"] = settings.image_guidance
     if getattr(settings, "loras", ()):
         params["Lora weights"] = ", ".join(f"{lr.source}: {lr.weight}" for lr in settings.loras)
     if family:
@@ -75,6 +80,45 @@ class Studio:
         result = txt2img.run(settings, self.models, on_step=on_step)
         items = self.store(result) if store else []
         return result, items
+
+    def sdedit(self, settings: sdedit.SDEditSettings, image=None, *, on_step=None, store: bool = True):
+        """SDEdit `image` (or the gallery item `settings.source_id`); results are its children."""
+        return self._edit(sdedit.run, settings, image, on_step=on_step, store=store)
+
+    def ip2p(self, settings: ip2p.InstructPix2PixSettings, image=None, *, on_step=None, store: bool = True):
+        """InstructPix2Pix on `image` (or the gallery item `settings.source_id`)."""
+        return self._edit(ip2p.run, settings, image, on_step=on_step, store=store)
+
+    def _edit(self, run, settings, image, *, on_step, store: bool):
+        # 1. The input: an upload, or a gallery item; an upload is stored first (as the parent).
+        source = self._source_item(settings.source_id) if settings.source_id is not None else None
+        if image is None and source is None:
+            raise sdedit.SettingsError("no input image: upload one, or send one from the gallery")
+        picture = open_image(image if image is not None else source.image_path)
+        if source is not None and image is not None and not _same_pixels(picture, source.image_path):
+            source = None  # a different picture than the item named: a new upload
+        # 2. Run first, so that a refused or cancelled edit stores nothing at all.
+        result = run(
+            settings.replace(source_id=source.id if source else None), picture, self.models, on_step=on_step
+        )
+        unchanged = getattr(result.settings, "strength", None) == 0  # SDEdit at strength 0 made nothing
+        if not store or unchanged:
+            return result, []
+        if source is None:
+            source = self.add_upload(picture)
+            result.settings = result.settings.replace(source_id=source.id)
+        return result, self.store(result, parent_id=source.id)
+
+    def add_upload(self, image) -> GalleryItem:
+        """Store an uploaded input image, so that edits of it have a parent in the gallery."""
+        picture = open_image(image)
+        return self.gallery.add(picture, technique="upload", model="", prompt="", settings={})
+
+    def _source_item(self, item_id: int) -> GalleryItem:
+        item = self.gallery.get(item_id)
+        if item is None:
+            raise GalleryError(f"gallery image #{item_id} no longer exists")
+        return item
 
     def store(self, result, parent_id: int | None = None) -> list[GalleryItem]:
         items = []
@@ -119,3 +163,10 @@ class Studio:
         if self._gallery is not None:
             self._gallery.close()
             self._gallery = None
+
+
+def _same_pixels(picture, path: str) -> bool:
+    from PIL import ImageChops
+
+    stored = open_image(path)
+    return stored.size == picture.size and ImageChops.difference(stored, picture).getbbox() is None

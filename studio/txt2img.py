@@ -16,10 +16,11 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .models import FLOW_FAMILIES, LoraRef, ModelManager
 from .progress import StepInfo
+from .result import Result
 from .schedulers import check_scheduler, make_scheduler
 from .settings import Settings, SettingsError, check_float, check_int, check_prompt, check_size
 
@@ -73,19 +74,6 @@ class Txt2ImgSettings(Settings):
             value = getattr(self, name)
             for v in value or ():
                 check_int(name.replace("_", " "), v, 0, 16384)
-
-
-@dataclass
-class Result:
-    settings: Txt2ImgSettings  # resolved: every default filled in, the seed drawn
-    images: list = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    family: str = ""
-    duration_s: float = 0.0
-
-    def image_settings(self, index: int) -> Txt2ImgSettings:
-        """The settings that remake image `index` alone."""
-        return self.settings.replace(seed=self.seeds[index], batch_size=1, batch_count=1)
 
 
 def model_defaults(spec) -> dict:

@@ -30,6 +30,13 @@ def tiny_sd3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ip2p(tmp_path_factory, tiny_sd) -> Path:
+    from tiny_models import build_tiny_ip2p
+
+    return build_tiny_ip2p(tmp_path_factory.mktemp("models") / "tiny-ip2p", tiny_sd)
+
+
+@pytest.fixture(scope="session")
 def manager():
     from studio.models import ModelManager
 

@@ -26,6 +26,8 @@ API_NAMES = {
     "/gallery_delete",
     "/gallery_favourite",
     "/gallery_import",
+    "/sdedit",
+    "/ip2p",
 }
 PROMPT = "a red circle on the left"
 
@@ -189,12 +191,134 @@ def test_import_decompression_bomb_is_refused(app, tmp_path, capfd):
     assert server_tracebacks(capfd) == ""
 
 
+# ---------------------------------------------------------------- editing (SDEdit, InstructPix2Pix)
+
+
+@pytest.fixture(scope="module")
+def source_png(tmp_path_factory) -> str:
+    """A 70×60 picture: fitting crops it to 64×56."""
+    path = tmp_path_factory.mktemp("edit_input") / "input.png"
+    image = Image.new("RGB", (70, 60), (255, 255, 255))
+    image.paste((220, 30, 30), (20, 15, 50, 45))
+    image.save(path)
+    return str(path)
+
+
+def edit(app, api_name: str, image, s: dict):
+    images, info = app.client.predict(handle_file(image) if image is not None else None, s, api_name=api_name)
+    return [entry["image"] for entry in images], info
+
+
+def sdedit_settings(tiny_sd, **changes) -> dict:
+    base = {
+        "prompt": "a blue circle in the center",
+        "model": str(tiny_sd),
+        "steps": 4,
+        "seed": 3,
+        "strength": 0.5,
+    }
+    base.update(changes)
+    return base
+
+
+def ip2p_settings(tiny_ip2p, **changes) -> dict:
+    base = {"instruction": "make the square blue", "model": str(tiny_ip2p), "steps": 3, "seed": 4}
+    base.update({"guidance": 5.0, "image_guidance": 1.5}, **changes)
+    return base
+
+
+def test_sdedit_stores_its_results_under_the_upload(app, tiny_sd, source_png):
+    before = app.studio.gallery.count()
+    paths, info = edit(app, "/sdedit", source_png, sdedit_settings(tiny_sd))
+    assert len(paths) == 1 and info["seeds"] == [3] and len(info["ids"]) == 1
+    with Image.open(paths[0]) as image:
+        assert image.format == "PNG" and image.size == (64, 56)
+    assert app.studio.gallery.count() == before + 2  # the upload and the edit
+    upload = app.studio.gallery.get(info["parent_id"])
+    assert upload.technique == "upload" and (upload.width, upload.height) == (70, 60)
+    item = app.studio.gallery.get(info["ids"][0])
+    assert item.technique == "sdedit" and item.parent_id == upload.id
+    assert info["settings"][0]["source_id"] == upload.id and info["settings"][0]["strength"] == 0.5
+    assert "input cropped 70×60 to 64×56 (centre)" in info["notes"]
+    assert "2 of 4 steps run (strength 0.5)" in info["notes"]
+
+    # No file: the gallery item named by source_id is the input, and the parent of the result.
+    again, info2 = edit(app, "/sdedit", None, sdedit_settings(tiny_sd, source_id=item.id, seed=5))
+    assert info2["parent_id"] == item.id and info2["seeds"] == [5]
+    assert app.studio.gallery.get(info2["ids"][0]).parent_id == item.id
+    assert app.studio.gallery.count() == before + 3  # nothing new was uploaded
+
+
+def test_ip2p_stores_its_results_under_the_upload(app, tiny_ip2p, source_png):
+    before = app.studio.gallery.count()
+    paths, info = edit(app, "/ip2p", source_png, ip2p_settings(tiny_ip2p, batch_size=2))
+    assert len(paths) == 2 and info["seeds"] == [4, 5]
+    assert app.studio.gallery.count() == before + 3  # the upload and two edits
+    upload = app.studio.gallery.get(info["parent_id"])
+    assert upload.technique == "upload"
+    for item_id, s in zip(info["ids"], info["settings"], strict=True):
+        item = app.studio.gallery.get(item_id)
+        assert item.technique == "ip2p" and item.parent_id == upload.id
+        assert item.prompt == "make the square blue"
+        assert s["image_guidance"] == 1.5 and s["source_id"] == upload.id and s["batch_size"] == 1
+    assert "input cropped 70×60 to 64×56 (centre)" in info["notes"]
+
+
+def _corrupt_png(tmp_path) -> str:
+    data = bytearray(_png_bytes((16, 16)))
+    data[40:60] = b"\x00" * 20
+    path = tmp_path / "corrupt.png"
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+BAD_EDITS = {
+    "sdedit without an image": ("/sdedit", None, {}, "no input image"),
+    "sdedit of a corrupt file": ("/sdedit", "corrupt", {}, "not a readable image"),
+    "sdedit of a text file": ("/sdedit", "text", {}, "not a readable image"),
+    "sdedit strength 1.5": ("/sdedit", "good", {"strength": 1.5}, "strength must be between 0.0 and 1.0"),
+    "sdedit of a deleted gallery item": ("/sdedit", None, {"source_id": 999_999}, "no longer exists"),
+    "ip2p without an image": ("/ip2p", None, {}, "no input image"),
+    "ip2p of a corrupt file": ("/ip2p", "corrupt", {}, "not a readable image"),
+    "ip2p on a plain SD model": ("/ip2p", "good", {"model": "app"}, "is not an InstructPix2Pix model"),
+    "ip2p without an instruction": ("/ip2p", "good", {"instruction": " "}, "instruction is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EDITS))
+def test_bad_edit_is_a_clear_error(app, tiny_sd, tiny_ip2p, source_png, tmp_path, case, capfd):
+    api_name, image, changes, phrase = BAD_EDITS[case]
+    if changes.get("model") == "app":
+        changes = {**changes, "model": app.model}  # toy-sd: a 4-channel UNet
+    s = sdedit_settings(tiny_sd, **changes) if api_name == "/sdedit" else ip2p_settings(tiny_ip2p, **changes)
+    if image == "good":
+        image = source_png
+    elif image == "corrupt":
+        image = _corrupt_png(tmp_path)
+    elif image == "text":
+        image = str(tmp_path / "notes.png")
+        (tmp_path / "notes.png").write_text("not a picture")
+    before = app.studio.gallery.count()
+    files_before = sorted(p.name for p in app.studio.paths.images.iterdir())
+    with pytest.raises(AppError) as caught:
+        edit(app, api_name, image, s)
+    message = str(caught.value)
+    assert phrase in message
+    assert "Traceback" not in message and 'File "' not in message
+    assert len(message) < 600
+    assert app.studio.gallery.count() == before
+    assert sorted(p.name for p in app.studio.paths.images.iterdir()) == files_before
+    assert server_tracebacks(capfd) == ""
+
+
 def test_app_still_serves_after_bad_input(app):
     """Runs last: every refused request above left the app working and the gallery as it was."""
     items, total = app.client.predict("", api_name="/gallery_search")
     assert total == app.studio.gallery.count() == len(items)
-    # Only test_txt2img_stores_searches_and_remakes stored anything (an image and its remake).
-    assert all(item["prompt"] == PROMPT for item in items)
+    # Only test_txt2img_stores_searches_and_remakes (an image and its remake) and the two edit
+    # tests (uploads and their edits) stored anything.
+    assert {item["technique"] for item in items} <= {"txt2img", "upload", "sdedit", "ip2p"}
+    assert all(item["prompt"] == PROMPT for item in items if item["technique"] == "txt2img")
     paths, info = generate(app, settings(app, prompt="a green square", seed=5))
     assert app.studio.gallery.count() == total + 1
     assert info["seeds"] == [5]

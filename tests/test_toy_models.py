@@ -86,3 +86,42 @@ def test_toy_sd_draws_simple_prompts(manager):
 
 
 TOY_SD_SIMPLE_BAR = 5  # measured at training time; the issue's bar (8) is not yet reached
+
+
+TOY_IP2P = MODELS / "toy-instruct-pix2pix"
+IP2P_BAR = 0.8  # the issue's bar on held-out edits
+
+
+@pytest.mark.skipif(
+    not (TOY_IP2P / "model_index.json").exists(), reason="toy-instruct-pix2pix not trained yet"
+)
+def test_toy_instruct_pix2pix_loads_offline_with_its_pipeline():
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(TOY_IP2P, local_files_only=True)
+    assert pipe.unet.config.in_channels == 8
+
+
+@pytest.mark.skipif(
+    not (TOY_IP2P / "model_index.json").exists(), reason="toy-instruct-pix2pix not trained yet"
+)
+def test_toy_instruct_pix2pix_follows_held_out_edits(manager):
+    """20 held-out edits (bench/bench_editing.py runs 100): named change made, the rest kept."""
+    from studio.toyworld.edit_eval import instruct_pix2pix_score
+
+    report = instruct_pix2pix_score(manager, "toy-instruct-pix2pix", n=20)
+    assert report["overall"] >= IP2P_BAR - 0.1, report  # 20 samples: allow one binomial s.d.
+
+
+@pytest.mark.skipif(not (MODELS / "toy-sd" / "model_index.json").exists(), reason="toy-sd not trained yet")
+def test_sdedit_recolours_by_prompt_and_keeps_the_layout(manager):
+    """SDEdit at strength 0.6 on toy-sd: the new colour, the centre moved ≤ 4 px."""
+    from studio.toyworld.edit_eval import sdedit_recolour
+
+    report = sdedit_recolour(manager, "toy-sd", 0.6, n=20)
+    assert report["success"] >= SDEDIT_BAR, report
+    # the sweep's two ends: strength 0 keeps everything and recolours nothing
+    assert sdedit_recolour(manager, "toy-sd", 0.0, n=10)["kept_layout"] >= 0.9
+
+
+SDEDIT_BAR = 0.7  # 20 samples; bench/bench_editing.py measures 100

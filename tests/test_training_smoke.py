@@ -1,4 +1,4 @@
-"""Smoke tests of the toy-model training stages (clip, vae, sd, sd3).
+"""Smoke tests of the toy-model training stages (clip, vae, sd, ip2p, sd3).
 
 For each stage, with its own model builder and loss on one fixed tiny batch: a few
 optimizer steps lower the loss (overfitting a fixed batch must), and a checkpoint saved
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from studio.toyworld.train import clip, common, sd, sd3, vae
+from studio.toyworld.train import clip, common, ip2p, sd, sd3, vae
 
-STAGES = ("clip", "vae", "sd", "sd3")
+STAGES = ("clip", "vae", "sd", "ip2p", "sd3")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -89,13 +89,16 @@ def make_run(stage: str, tokenizer, pairs, seed: int) -> Run:
     g = torch.Generator().manual_seed(100)  # the fixed batch: latents, noise, timesteps
     z0 = torch.randn(len(captions), 4, 8, 8, generator=g)
     noise = torch.randn(z0.shape, generator=g)
-    if stage == "sd":
+    if stage in ("sd", "ip2p"):
         from diffusers import DDPMScheduler
         from transformers import CLIPTextModel
 
         text_encoder = CLIPTextModel(text_config(tokenizer))
         unet = sd.build_unet(text_encoder.config.hidden_size)
         scheduler = DDPMScheduler.from_config(sd.scheduler_config())
+        if stage == "ip2p":
+            unet = ip2p.widen_unet(unet)
+            cond = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (len(captions),), generator=g)
         opt = torch.optim.AdamW(
             [
@@ -108,6 +111,8 @@ def make_run(stage: str, tokenizer, pairs, seed: int) -> Run:
         alphas = scheduler.alphas_cumprod
 
         def loss():
+            if stage == "ip2p":
+                return ip2p.loss_on_batch(unet, text_encoder, scheduler, alphas, z0, cond, ids, noise, t)
             return sd.loss_on_batch(unet, text_encoder, scheduler, alphas, z0, ids, noise, t)
 
         return Run(modules, opt, common.EMA(torch.nn.ModuleDict(modules), 0.999), loss, 1.0)
@@ -154,7 +159,9 @@ def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
         assert x.shape == y.shape and torch.allclose(x, y, rtol=0, atol=atol), k
 
 
-@pytest.mark.parametrize("stage", ["clip", "vae", "sd", "sd3"])  # clip: a 0-dim parameter (logit_scale)
+@pytest.mark.parametrize(
+    "stage", ["clip", "vae", "sd", "ip2p", "sd3"]
+)  # clip: a 0-dim parameter (logit_scale)
 def test_resume_restores_state_and_continues_identically(stage, tokenizer, pairs, tmp_path):
     a = make_run(stage, tokenizer, pairs, seed=0)
     torch.manual_seed(1)
@@ -233,3 +240,18 @@ def test_sd3_export_loads_and_generates(tokenizer, tmp_path):
     image = loaded("a red circle", num_inference_steps=2, generator=generator).images[0]
     assert image.size == (64, 64)
     assert (tmp_path / "toy-sd3" / "README.md").exists()
+
+
+def test_ip2p_widened_unet_starts_as_the_text_to_image_unet(tokenizer):
+    """Brooks et al. §3.2: the 4 new input channels start at zero, so the image is ignored at first."""
+    torch.manual_seed(0)
+    unet = sd.build_unet(text_config(tokenizer).hidden_size).eval()
+    wide = ip2p.widen_unet(unet).eval()
+    z, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 77, text_config(tokenizer).hidden_size)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        plain = unet(z, t, encoder_hidden_states=context).sample
+        widened = wide(torch.cat([z, cond], dim=1), t, encoder_hidden_states=context).sample
+    assert wide.config.in_channels == 8
+    assert torch.allclose(plain, widened, atol=1e-5)

@@ -161,3 +161,28 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_tiny_ip2p(folder: Path, sd_folder: Path) -> Path:
+    """The tiny SD pipeline with its UNet widened to 8 input channels, saved as InstructPix2Pix."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+
+    from studio.toyworld.train.ip2p import widen_unet
+
+    torch.manual_seed(1)
+    sd = StableDiffusionPipeline.from_pretrained(sd_folder)
+    unet = widen_unet(sd.unet)
+    with torch.no_grad():  # a random image branch, so that image guidance changes the output
+        unet.conv_in.weight[:, 4:].normal_(0, 0.05)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
+        unet=unet,
+        scheduler=sd.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

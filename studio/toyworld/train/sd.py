@@ -29,7 +29,7 @@ from .common import (
 )
 
 SEED = 3
-STEPS = 9000
+STEPS = 8000
 BATCH = 64
 LR = 5e-4
 TEXT_LR = 1e-4
