@@ -40,8 +40,8 @@ def instruct_pix2pix_score(manager, model: str, n: int = 100, seed: int = EVAL_S
         kind = parse_edit(instruction).kind
         counts[kind] += 1
         hits[kind] += edit_followed(read(picture), edited, instruction)
-    report = {"overall": round(sum(hits.values()) / n, 4), "n": n}
-    report.update({k: round(hits[k] / counts[k], 4) for k in EDIT_KINDS if counts[k]})
+    report = {"overall": round(float(sum(hits.values())) / n, 4), "n": n}
+    report.update({k: round(float(hits[k]) / counts[k], 4) for k in EDIT_KINDS if counts[k]})
     return report
 
 
@@ -89,9 +89,9 @@ def sdedit_recolour(
         success += one and moved[0] and reading.shapes[0].color == target.objects[0].color
     return {
         "strength": strength,
-        "success": round(success / n, 4),
-        "kept_layout": round(kept / n, 4),
-        "follows_prompt": round(follows / n, 4),
+        "success": round(float(success) / n, 4),
+        "kept_layout": round(float(kept) / n, 4),
+        "follows_prompt": round(float(follows) / n, 4),
         "n": n,
     }
 
