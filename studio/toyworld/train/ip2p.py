@@ -156,7 +156,7 @@ def write_ip2p_card(folder: Path, unet, steps: int, seconds: float | None = None
     from ..edit_eval import instruct_pix2pix_score
     from .cards import hardware, write_card
 
-    scores = instruct_pix2pix_score(ModelManager(), str(folder), n=100)
+    scores = instruct_pix2pix_score(ModelManager(), str(folder), n=100, guidance=2.0, image_guidance=2.0)
     write_card(
         folder,
         FOLDER,
@@ -171,7 +171,7 @@ def write_ip2p_card(folder: Path, unet, steps: int, seconds: float | None = None
             "parameters": f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M (UNet)",
             "hardware": hardware(),
             **({"time": f"{seconds:.0f} s"} if seconds else {}),
-            "defaults": "DDIM, 25 steps, text guidance 5, image guidance 1.5",
+            "defaults": "DDIM, 25 steps, text guidance 2, image guidance 2 (best of a 6-point sweep on 30 edits)",
         },
         {"held_out_edits_followed (judge reads before and after)": scores},
     )
