@@ -187,6 +187,15 @@ def test_sdedit_on_a_flow_matching_model(tiny_sd3, manager, source):
     assert result.images[0].size == source.size
 
 
+def test_sdedit_on_sdxl_runs_the_same_step_count(tiny_sdxl, manager, source):
+    calls, handle = count_forwards(manager, tiny_sdxl)
+    try:
+        result = sdedit.run(edit_settings(tiny_sdxl, strength=0.35, steps=10), source, manager)
+    finally:
+        handle.remove()
+    assert calls == [2] * 4 and result.family == "sdxl"
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
