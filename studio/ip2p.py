@@ -17,18 +17,17 @@ quietly ignored, except s_T = s_I = 1, which is plain conditional sampling.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .images import FIT_MODES, fit_to_grid
 from .models import ModelManager
-from .progress import StepInfo
+from .progress import StepInfo, step_callback
 from .result import Result
 from .schedulers import check_scheduler, make_scheduler
 from .settings import Settings, SettingsError, check_float, check_int, check_prompt
-from .txt2img import MAX_SEED, model_defaults
+from .txt2img import MAX_SEED, model_defaults, sampling_defaults
 
 DEFAULT_IMAGE_GUIDANCE = 1.5
 
@@ -92,17 +91,13 @@ def resolve(
     settings: InstructPix2PixSettings, models: ModelManager, size: tuple[int, int]
 ) -> tuple[InstructPix2PixSettings, str]:
     spec = models.resolve(settings.model)
-    d = model_defaults(spec)
     s = settings.replace(
-        seed=settings.seed if settings.seed is not None else random.SystemRandom().randint(0, MAX_SEED),
-        steps=settings.steps or d["steps"],
-        guidance=settings.guidance if settings.guidance is not None else d["guidance"],
+        **sampling_defaults(settings, model_defaults(spec)),
         image_guidance=(
             settings.image_guidance
             if settings.image_guidance is not None
             else spec.defaults.get("image_guidance", DEFAULT_IMAGE_GUIDANCE)
         ),
-        scheduler=settings.scheduler or d["scheduler"],
         width=size[0],
         height=size[1],
     )
@@ -134,11 +129,6 @@ def run(
         seeds = [s.seed + i for i in range(s.batch_size)]
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
-        def callback(_pipe, i, _t, kw):
-            if on_step is not None:
-                on_step(StepInfo(i + 1, s.steps, 0, 1, kw.get("latents")))
-            return kw
-
         # 3. Sample with eq. 3's two guidance scales (one batched forward of three branches a step).
         # One (instruction, image) pair per output: the pipeline wants as many images as prompts.
         output = pipe(
@@ -149,7 +139,7 @@ def run(
             guidance_scale=s.guidance,
             image_guidance_scale=s.image_guidance,
             generator=generators,
-            callback_on_step_end=callback,
+            callback_on_step_end=step_callback(on_step, s.steps),
         )
         result.images, result.seeds = list(output.images), seeds
     result.duration_s = time.perf_counter() - started

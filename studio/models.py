@@ -376,7 +376,7 @@ class ModelManager:
         with self.lane:
             base = self.base(name)
             spec = self.resolve(name)
-            family = spec.family if spec.family != "unknown" else _family_of_pipe(base)
+            family = spec.family if spec.family != "unknown" else family_of_pipe(base)
             cls = self._pipeline_class(family, task)
             _check_task(spec, base, task)
             pipe = base if type(base) is cls else cls.from_pipe(base)
@@ -454,7 +454,7 @@ def _check_task(spec: ModelSpec, pipe, task: str) -> None:
         raise ModelError(f"{spec.name} is an InstructPix2Pix model: use it for instruction editing (ip2p)")
 
 
-def _family_of_pipe(pipe) -> str:
+def family_of_pipe(pipe) -> str:
     name = type(pipe).__name__
     if name not in CLASS_FAMILY:
         raise ModelError(f"{name} pipelines are not supported")

@@ -23,6 +23,19 @@ class StepInfo:
         return (self.batch * self.total + self.step) / (self.batches * self.total)
 
 
+def step_callback(on_step, total: int, batch: int = 0, batches: int = 1):
+    """A diffusers `callback_on_step_end` that reports each step to `on_step` (which may raise
+    Cancelled to stop the run); None when nobody listens."""
+    if on_step is None:
+        return None
+
+    def callback(_pipe, i, _t, kw):
+        on_step(StepInfo(i + 1, total, batch, batches, kw.get("latents")))
+        return kw
+
+    return callback
+
+
 class CancelToken:
     """Set by a Stop button or a signal; checked at every step."""
 

@@ -18,18 +18,17 @@ manager loads works, with its own latent scaling (and SD3 / FLUX's shift).
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .images import FIT_MODES, fit_to_grid
-from .models import FLOW_FAMILIES, ModelManager
-from .progress import StepInfo
+from .models import FLOW_FAMILIES, ModelManager, family_of_pipe
+from .progress import StepInfo, step_callback
 from .result import Result
 from .schedulers import check_scheduler, make_scheduler
 from .settings import SettingsError, check_float, check_int
-from .txt2img import MAX_SEED, Txt2ImgSettings, _prompt_kwargs, check_family_options, model_defaults
+from .txt2img import Txt2ImgSettings, _prompt_kwargs, check_family_options, model_defaults, sampling_defaults
 
 
 @dataclass(frozen=True)
@@ -68,15 +67,7 @@ def resolve(
     settings: SDEditSettings, models: ModelManager, size: tuple[int, int]
 ) -> tuple[SDEditSettings, str]:
     spec = models.resolve(settings.model)
-    d = model_defaults(spec)
-    s = settings.replace(
-        seed=settings.seed if settings.seed is not None else random.SystemRandom().randint(0, MAX_SEED),
-        steps=settings.steps or d["steps"],
-        guidance=settings.guidance if settings.guidance is not None else d["guidance"],
-        scheduler=settings.scheduler or d["scheduler"],
-        width=size[0],
-        height=size[1],
-    )
+    s = settings.replace(**sampling_defaults(settings, model_defaults(spec)), width=size[0], height=size[1])
     if spec.family != "unknown":
         check_scheduler(s.scheduler, spec.family)
         check_family_options(s, spec.family)
@@ -109,14 +100,9 @@ def run(
     # 3. strength 1 is text-to-image; anything less starts from the noised input.
     task = "txt2img" if s.strength >= 1.0 else "img2img"
     with models.lend(s.model, task, loras=s.loras) as pipe:
-        family = result.family = family if family != "unknown" else _family(pipe)
+        family = result.family = family if family != "unknown" else family_of_pipe(pipe)
         pipe.scheduler = make_scheduler(s.scheduler, family, pipe.scheduler.config, shift=s.shift)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-
-        def callback(_pipe, i, _t, kw):
-            if on_step is not None:
-                on_step(StepInfo(i + 1, k, 0, 1, kw.get("latents")))
-            return kw
 
         if task == "txt2img":
             result.notes.append("strength 1 is pure text-to-image: the input only set the size")
@@ -134,14 +120,8 @@ def run(
             guidance_scale=s.guidance,
             num_images_per_prompt=s.batch_size,
             generator=generators,
-            callback_on_step_end=callback,
+            callback_on_step_end=step_callback(on_step, k),
         )
         result.images, result.seeds = list(output.images), seeds
     result.duration_s = time.perf_counter() - started
     return result
-
-
-def _family(pipe) -> str:
-    from .models import _family_of_pipe
-
-    return _family_of_pipe(pipe)

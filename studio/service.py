@@ -16,6 +16,7 @@ from .gallery import Gallery, GalleryError, GalleryItem
 from .images import open_image
 from .models import ModelManager
 from .pngmeta import format_infotext
+from .settings import SettingsError
 
 DEFAULT_DATA_DIR = Path("data")
 
@@ -93,7 +94,7 @@ class Studio:
         # 1. The input: an upload, or a gallery item; an upload is stored first (as the parent).
         source = self._source_item(settings.source_id) if settings.source_id is not None else None
         if image is None and source is None:
-            raise sdedit.SettingsError("no input image: upload one, or send one from the gallery")
+            raise SettingsError("no input image: upload one, or send one from the gallery")
         picture = open_image(image if image is not None else source.image_path)
         if source is not None and image is not None and not _same_pixels(picture, source.image_path):
             source = None  # a different picture than the item named: a new upload
@@ -105,13 +106,12 @@ class Studio:
         if not store or unchanged:
             return result, []
         if source is None:
-            source = self.add_upload(picture)
+            source = self._store_upload(picture)
             result.settings = result.settings.replace(source_id=source.id)
         return result, self.store(result, parent_id=source.id)
 
-    def add_upload(self, image) -> GalleryItem:
-        """Store an uploaded input image, so that edits of it have a parent in the gallery."""
-        picture = open_image(image)
+    def _store_upload(self, picture) -> GalleryItem:
+        """Store an uploaded input image (already read by `open_image`), as its edits' parent."""
         return self.gallery.add(picture, technique="upload", model="", prompt="", settings={})
 
     def _source_item(self, item_id: int) -> GalleryItem:

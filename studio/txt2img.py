@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .models import FLOW_FAMILIES, LoraRef, ModelManager
-from .progress import StepInfo
+from .models import FLOW_FAMILIES, LoraRef, ModelManager, family_of_pipe
+from .progress import StepInfo, step_callback
 from .result import Result
 from .schedulers import check_scheduler, make_scheduler
 from .settings import Settings, SettingsError, check_float, check_int, check_prompt, check_size
@@ -97,17 +97,29 @@ def resolve(settings: Txt2ImgSettings, models: ModelManager) -> tuple[Txt2ImgSet
     d = model_defaults(spec)
     family = spec.family
     resolved = settings.replace(
-        seed=settings.seed if settings.seed is not None else random.SystemRandom().randint(0, MAX_SEED),
-        steps=settings.steps or d["steps"],
-        guidance=settings.guidance if settings.guidance is not None else d["guidance"],
+        **sampling_defaults(settings, d),
         width=settings.width or d["width"],
         height=settings.height or d["height"],
-        scheduler=settings.scheduler or d["scheduler"],
     )
     if family != "unknown":
         check_scheduler(resolved.scheduler, family)
         check_family_options(resolved, family)
     return resolved, family
+
+
+def sampling_defaults(settings, defaults: dict) -> dict:
+    """Seed (drawn if unset), steps, guidance and sampler: the given ones, else the model's."""
+    return {
+        "seed": draw_seed(settings.seed),
+        "steps": settings.steps or defaults["steps"],
+        "guidance": settings.guidance if settings.guidance is not None else defaults["guidance"],
+        "scheduler": settings.scheduler or defaults["scheduler"],
+    }
+
+
+def draw_seed(seed: int | None) -> int:
+    """The given seed, or a fresh random one (recorded with the image, so it can be remade)."""
+    return seed if seed is not None else random.SystemRandom().randint(0, MAX_SEED)
 
 
 def check_family_options(s: Txt2ImgSettings, family: str) -> None:
@@ -134,7 +146,7 @@ def run(
         native = _native_size(pipe)
         s = s.replace(width=s.width or native, height=s.height or native)
         result = Result(settings=s)
-        family = result.family = family if family != "unknown" else _family(pipe)
+        family = result.family = family if family != "unknown" else family_of_pipe(pipe)
         # 2. The sampler, built from the model's own scheduler config.
         pipe.scheduler = make_scheduler(s.scheduler, family, pipe.scheduler.config, shift=s.shift)
         # 3. Prompt embeddings: compel's weighting syntax for the SD families, else plain text.
@@ -146,11 +158,6 @@ def run(
             seeds = [s.seed + batch * s.batch_size + i for i in range(s.batch_size)]
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
-            def callback(_pipe, i, _t, kw, batch=batch):
-                if on_step is not None:
-                    on_step(StepInfo(i + 1, s.steps, batch, s.batch_count, kw.get("latents")))
-                return kw
-
             # 6. Sample and decode.
             output = pipe(
                 **prompt_kwargs,
@@ -160,7 +167,7 @@ def run(
                 height=s.height,
                 num_images_per_prompt=s.batch_size,
                 generator=generators,
-                callback_on_step_end=callback,
+                callback_on_step_end=step_callback(on_step, s.steps, batch, s.batch_count),
                 **call_kwargs,
             )
             images = output.images
@@ -177,12 +184,6 @@ def _native_size(pipe) -> int:
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     sample = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
     return int(sample * pipe.vae_scale_factor)
-
-
-def _family(pipe) -> str:
-    from .models import _family_of_pipe
-
-    return _family_of_pipe(pipe)
 
 
 def _prompt_kwargs(pipe, family: str, s: Txt2ImgSettings) -> dict:

@@ -1,4 +1,5 @@
-"""What every tab shares: the GPU lane id, the settings bus and error display.
+"""What every tab shares: the GPU lane id, the settings bus, error display, and runs with
+live previews and Stop.
 
 Tabs talk to each other only through the `Bus`: a hidden JSON component carrying a
 settings dict (`{"technique": ..., ...}`) plus the gallery id of an image when one is
@@ -9,11 +10,16 @@ and fills its own widgets when the technique is its own. The app switches tabs.
 from __future__ import annotations
 
 import functools
+import queue
+import threading
 from dataclasses import dataclass
 
 import gradio as gr
 
+from studio.progress import Cancelled, CancelToken
+
 GPU_LANE = "gpu"  # every event that runs a model or trains shares this concurrency id
+PREVIEW_EVERY = 5  # steps between live previews
 
 TAB_IDS = {
     "txt2img": "txt2img",
@@ -83,3 +89,64 @@ def bus_message(target: str, settings: dict | None = None, image_id: int | None 
     global _nonce
     _nonce += 1
     return {"target": target, "settings": settings, "image_id": image_id, "nonce": _nonce}
+
+
+class SessionRuns:
+    """Runs of a tab, one cancel token per browser session: Stop cancels that session's run.
+
+    `stream` runs `job(on_step)` on a worker thread, so the event can yield previews while
+    the pipeline samples; it yields ("preview", image) every PREVIEW_EVERY steps, then
+    ("done", the job's value) or ("cancelled", None). Any other error is raised in the
+    event's thread, where `user_errors_gen` shows it.
+    """
+
+    def __init__(self, studio):
+        self.studio = studio
+        self._tokens: dict[str, CancelToken] = {}
+
+    def cancel(self, request: gr.Request | None) -> None:
+        token = self._tokens.get(_session(request))
+        if token:
+            token.cancel()
+
+    def stream(self, request: gr.Request | None, progress, model: str, job):
+        token = self._tokens.setdefault(_session(request), CancelToken())
+        token.reset()
+        updates: queue.Queue = queue.Queue()
+        spec = self.studio.models.resolve(model)
+
+        def on_step(step):
+            token.check()
+            progress(step.fraction, desc=f"step {step.step}/{step.total}")
+            if step.latents is not None and (step.step % PREVIEW_EVERY == 0):
+                updates.put(("preview", self.studio.preview(step.latents, spec)))
+
+        def work():
+            try:
+                updates.put(("done", job(on_step)))
+            except BaseException as exc:  # handed to the event thread, which reports it
+                updates.put(("error", exc))
+
+        threading.Thread(target=work, daemon=True).start()
+        while True:
+            kind, payload = updates.get()
+            if kind == "error":
+                if isinstance(payload, Cancelled):
+                    yield "cancelled", None
+                    return
+                raise payload
+            yield kind, payload
+            if kind == "done":
+                return
+
+
+def share_link(request: gr.Request | None, settings) -> str:
+    """The share link of `settings` on the server the request came to."""
+    from studio.presets import share_url
+
+    base = str(request.request.base_url) if request and request.request else "http://127.0.0.1:7860/"
+    return share_url(base, settings)
+
+
+def _session(request: gr.Request | None) -> str:
+    return request.session_hash if request else ""

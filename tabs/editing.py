@@ -19,23 +19,20 @@ Run it alone with `python -m tabs.editing`.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from dataclasses import dataclass
 
 import gradio as gr
 
 from studio.ip2p import DEFAULT_IMAGE_GUIDANCE, InstructPix2PixSettings
 from studio.models import ModelError
-from studio.presets import list_presets, load_preset, save_preset, share_url
-from studio.progress import Cancelled, CancelToken
+from studio.presets import list_presets, load_preset, save_preset
 from studio.schedulers import scheduler_names
 from studio.sdedit import SDEditSettings
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
 
-from .common import GPU_LANE, Bus, make_bus, on_gpu, user_errors, user_errors_gen
-from .txt2img import MODEL_DEFAULT, PREVIEW_EVERY, _whole, format_loras, parse_loras
+from .common import GPU_LANE, Bus, SessionRuns, make_bus, on_gpu, share_link, user_errors, user_errors_gen
+from .txt2img import MODEL_DEFAULT, _whole, format_loras, parse_loras
 
 SDEDIT = "SDEdit"
 IP2P = "InstructPix2Pix"
@@ -94,7 +91,7 @@ def _notes_markdown(notes) -> str:
 
 def build(studio, bus: Bus) -> EditingTab:
     models = studio.models
-    tokens: dict[str, CancelToken] = {}
+    runs = SessionRuns(studio)
 
     def defaults(name: str, fallback_guidance: float) -> dict:
         try:
@@ -382,33 +379,15 @@ def build(studio, bus: Bus) -> EditingTab:
         elif settings.source_id is not None and studio.gallery.get(settings.source_id) is None:
             settings = settings.replace(source_id=None)  # that item was deleted: the picture is an upload
         run = studio.sdedit if settings.technique == "sdedit" else studio.ip2p
-        token = tokens.setdefault(request.session_hash if request else "", CancelToken())
-        token.reset()
-        updates: queue.Queue = queue.Queue()
-        spec = models.resolve(settings.model)
 
-        def on_step(step):
-            token.check()
-            progress(step.fraction, desc=f"step {step.step}/{step.total}")
-            if step.latents is not None and (step.step % PREVIEW_EVERY == 0):
-                updates.put(("preview", studio.preview(step.latents, spec)))
+        def job(on_step):
+            return run(settings, image, on_step=on_step)
 
-        def work():
-            try:
-                updates.put(("done", run(settings, image, on_step=on_step)))
-            except BaseException as exc:  # handed to the event thread, which reports it
-                updates.put(("error", exc))
-
-        threading.Thread(target=work, daemon=True).start()
-        while True:
-            kind, payload = updates.get()
+        for kind, payload in runs.stream(request, progress, settings.model, job):
             if kind == "preview":
                 yield {preview: payload}
-            elif kind == "error":
-                if isinstance(payload, Cancelled):
-                    yield {info: "Cancelled: nothing was stored.", preview: None}
-                    return
-                raise payload
+            elif kind == "cancelled":
+                yield {info: "Cancelled: nothing was stored.", preview: None}
             else:
                 result, items = payload
                 yield {
@@ -449,15 +428,9 @@ def build(studio, bus: Bus) -> EditingTab:
         notes = _notes_markdown(result.notes)
         return " · ".join(parts) + (f"\n\n{notes}" if notes else "")
 
-    def cancel(request: gr.Request):
-        token = tokens.get(request.session_hash if request else "")
-        if token:
-            token.cancel()
-
     @user_errors
     def make_link(data: dict, request: gr.Request):
-        base = str(request.request.base_url) if request and request.request else "http://127.0.0.1:7860/"
-        return share_url(base, to_settings(data))
+        return share_link(request, to_settings(data))
 
     @user_errors
     def apply_preset(name):
@@ -546,7 +519,7 @@ def build(studio, bus: Bus) -> EditingTab:
         api_visibility="private",
         preprocess=False,  # the input image reaches the studio's reader as a file (see _upload_path)
     )
-    stop.click(cancel, None, None, queue=False, api_visibility="private")
+    stop.click(runs.cancel, None, None, queue=False, api_visibility="private")
     link_button.click(make_link, settings_inputs, link, api_visibility="private")
     load_button.click(apply_preset, preset, [*field_list, mode], api_visibility="private")
     save_button.click(store_preset, settings_inputs | {preset_name}, preset, api_visibility="private")

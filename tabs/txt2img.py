@@ -5,23 +5,19 @@ Run it alone with `python -m tabs.txt2img`.
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 
 import gradio as gr
 
 from studio.models import LoraRef
-from studio.presets import list_presets, load_preset, save_preset, share_url
-from studio.progress import Cancelled, CancelToken
+from studio.presets import list_presets, load_preset, save_preset
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import Txt2ImgSettings, model_defaults
 
-from .common import GPU_LANE, Bus, make_bus, on_gpu, user_errors, user_errors_gen
+from .common import GPU_LANE, Bus, SessionRuns, make_bus, on_gpu, share_link, user_errors, user_errors_gen
 
 MODEL_DEFAULT = "(model default)"
-PREVIEW_EVERY = 5
 
 
 @dataclass
@@ -82,7 +78,7 @@ def _whole(name: str, value) -> int | None:
 
 def build(studio, bus: Bus) -> Txt2ImgTab:
     models = studio.models
-    tokens: dict[str, CancelToken] = {}
+    runs = SessionRuns(studio)
     presets = [p.name for p in list_presets(technique="txt2img")]
 
     with gr.Row():
@@ -230,33 +226,15 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
     @user_errors_gen
     def run_generation(data: dict, request: gr.Request, progress=gr.Progress()):
         settings = to_settings(data)
-        token = tokens.setdefault(request.session_hash if request else "", CancelToken())
-        token.reset()
-        updates: queue.Queue = queue.Queue()
-        spec = models.resolve(settings.model)
 
-        def on_step(step):
-            token.check()
-            progress(step.fraction, desc=f"step {step.step}/{step.total}")
-            if step.latents is not None and (step.step % PREVIEW_EVERY == 0):
-                updates.put(("preview", studio.preview(step.latents, spec)))
+        def job(on_step):
+            return studio.txt2img(settings, on_step=on_step)
 
-        def work():
-            try:
-                updates.put(("done", studio.txt2img(settings, on_step=on_step)))
-            except BaseException as exc:  # handed to the event thread, which reports it
-                updates.put(("error", exc))
-
-        threading.Thread(target=work, daemon=True).start()
-        while True:
-            kind, payload = updates.get()
+        for kind, payload in runs.stream(request, progress, settings.model, job):
             if kind == "preview":
                 yield {preview: payload}
-            elif kind == "error":
-                if isinstance(payload, Cancelled):
-                    yield {info: "Cancelled: nothing was stored.", preview: None}
-                    return
-                raise payload
+            elif kind == "cancelled":
+                yield {info: "Cancelled: nothing was stored.", preview: None}
             else:
                 result, items = payload
                 s = result.settings
@@ -273,15 +251,9 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
                 }
                 return
 
-    def cancel(request: gr.Request):
-        token = tokens.get(request.session_hash if request else "")
-        if token:
-            token.cancel()
-
     @user_errors
     def make_link(data: dict, request: gr.Request):
-        base = str(request.request.base_url) if request and request.request else "http://127.0.0.1:7860/"
-        return share_url(base, to_settings(data))
+        return share_link(request, to_settings(data))
 
     @user_errors
     def apply_preset(name):
@@ -337,7 +309,7 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
         concurrency_limit=1,
         api_visibility="private",
     )
-    stop.click(cancel, None, None, queue=False, api_visibility="private")
+    stop.click(runs.cancel, None, None, queue=False, api_visibility="private")
     link_button.click(make_link, form, link, api_visibility="private")
     load_button.click(apply_preset, preset, list(fields.values()), api_visibility="private")
     save_button.click(store_preset, form | {preset_name}, preset, api_visibility="private")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -57,3 +58,20 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     from tiny_models import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@contextlib.contextmanager
+def denoiser_batches(manager, model):
+    """The batch size of every denoiser forward on the cached pipeline of `model` in the block."""
+    calls: list[int] = []
+    pipe = manager.base(str(model))
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+
+    def record(_module, args, kwargs):
+        calls.append((args[0] if args else kwargs["hidden_states"]).shape[0])
+
+    handle = denoiser.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()

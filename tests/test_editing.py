@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import denoiser_batches
 from PIL import Image
 
 from studio import ip2p, sdedit
@@ -40,22 +41,6 @@ def ip2p_settings(model, **kw) -> ip2p.InstructPix2PixSettings:
     base = dict(instruction="make the circle blue", model=str(model), seed=3, steps=6, guidance=5.0)
     base.update(kw, image_guidance=kw.get("image_guidance", 1.5))
     return ip2p.InstructPix2PixSettings(**base)
-
-
-def count_forwards(manager, model) -> list[int]:
-    """Batch size of every denoiser forward on the cached pipeline of `model`."""
-    calls: list[int] = []
-    denoiser = manager.base(str(model))
-    module = getattr(denoiser, "unet", None) or denoiser.transformer
-    handle = module.register_forward_pre_hook(
-        lambda mod, args, kwargs: calls.append(_batch(args, kwargs)), with_kwargs=True
-    )
-    return calls, handle
-
-
-def _batch(args, kwargs) -> int:
-    x = args[0] if args else kwargs["hidden_states"]
-    return x.shape[0]
 
 
 # ---------------------------------------------------------------- input images
@@ -132,11 +117,8 @@ def test_fitting_to_the_latent_grid_says_what_it_did():
     "strength, steps, runs", [(0.6, 10, 6), (0.01, 10, 1), (0.55, 10, 6), (0.99, 10, 10)]
 )
 def test_sdedit_runs_the_last_ceil_of_steps_times_strength(tiny_sd, manager, source, strength, steps, runs):
-    calls, handle = count_forwards(manager, tiny_sd)
-    try:
+    with denoiser_batches(manager, tiny_sd) as calls:
         result = sdedit.run(edit_settings(tiny_sd, strength=strength, steps=steps), source, manager)
-    finally:
-        handle.remove()
     assert calls == [2] * runs  # classifier-free guidance: one batched forward a step
     assert f"{runs} of {steps} steps run" in " ".join(result.notes)
 
@@ -158,11 +140,8 @@ def test_sdedit_equals_diffusers_img2img(tiny_sd, manager, source):
 
 
 def test_sdedit_strength_zero_returns_the_input_and_says_so(tiny_sd, manager, source):
-    calls, handle = count_forwards(manager, tiny_sd)
-    try:
+    with denoiser_batches(manager, tiny_sd) as calls:
         result = sdedit.run(edit_settings(tiny_sd, strength=0.0), source, manager)
-    finally:
-        handle.remove()
     assert calls == []
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(source))
     assert any("unchanged" in n for n in result.notes)
@@ -178,21 +157,15 @@ def test_sdedit_strength_one_is_text_to_image(tiny_sd, manager, source):
 
 
 def test_sdedit_on_a_flow_matching_model(tiny_sd3, manager, source):
-    calls, handle = count_forwards(manager, tiny_sd3)
-    try:
+    with denoiser_batches(manager, tiny_sd3) as calls:
         result = sdedit.run(edit_settings(tiny_sd3, strength=0.5, steps=8, shift=3.0), source, manager)
-    finally:
-        handle.remove()
     assert len(calls) == 4 and result.family == "sd3"
     assert result.images[0].size == source.size
 
 
 def test_sdedit_on_sdxl_runs_the_same_step_count(tiny_sdxl, manager, source):
-    calls, handle = count_forwards(manager, tiny_sdxl)
-    try:
+    with denoiser_batches(manager, tiny_sdxl) as calls:
         result = sdedit.run(edit_settings(tiny_sdxl, strength=0.35, steps=10), source, manager)
-    finally:
-        handle.remove()
     assert calls == [2] * 4 and result.family == "sdxl"
 
 
@@ -217,11 +190,8 @@ def test_sdedit_bad_settings(kw, message):
 def test_ip2p_is_three_branches_in_one_forward_and_equals_diffusers(tiny_ip2p, manager, source):
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    calls, handle = count_forwards(manager, tiny_ip2p)
-    try:
+    with denoiser_batches(manager, tiny_ip2p) as calls:
         ours = ip2p.run(ip2p_settings(tiny_ip2p, scheduler="DDIM"), source, manager).images[0]
-    finally:
-        handle.remove()
     assert calls == [3] * 6
     bare = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_ip2p, dtype=torch.float32)
     theirs = bare(
@@ -247,11 +217,8 @@ def test_ip2p_both_guidance_scales_matter(tiny_ip2p, manager, source):
 
 
 def test_ip2p_without_guidance_is_a_single_branch(tiny_ip2p, manager, source):
-    calls, handle = count_forwards(manager, tiny_ip2p)
-    try:
+    with denoiser_batches(manager, tiny_ip2p) as calls:
         ip2p.run(ip2p_settings(tiny_ip2p, guidance=1.0, image_guidance=1.0), source, manager)
-    finally:
-        handle.remove()
     assert calls == [1] * 6
 
 

@@ -112,7 +112,7 @@ def make_run(stage: str, tokenizer, pairs, seed: int) -> Run:
 
         def loss():
             if stage == "ip2p":
-                return ip2p.loss_on_batch(unet, text_encoder, scheduler, alphas, z0, cond, ids, noise, t)
+                return sd.loss_on_batch(unet, text_encoder, scheduler, alphas, z0, ids, noise, t, cond)
             return sd.loss_on_batch(unet, text_encoder, scheduler, alphas, z0, ids, noise, t)
 
         return Run(modules, opt, common.EMA(torch.nn.ModuleDict(modules), 0.999), loss, 1.0)

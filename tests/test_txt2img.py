@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import denoiser_batches
 
 from studio.progress import Cancelled
 from studio.settings import SettingsError
@@ -65,13 +66,8 @@ def test_sd3_same_image_as_the_bare_pipeline(tiny_sd3, manager):
 
 
 def _count_unet_calls(manager, model, s):
-    pipe = manager.base(str(model))
-    calls = []
-    handle = pipe.unet.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
-    try:
+    with denoiser_batches(manager, model) as calls:
         run(s, manager)
-    finally:
-        handle.remove()
     return calls
 
 
@@ -203,16 +199,11 @@ def test_sdxl_micro_conditioning_reaches_the_unet_and_matches_diffusers(tiny_sdx
 
 
 def test_sdxl_refiner_takes_over_the_last_steps(tiny_sdxl, manager):
-    pipe = manager.base(str(tiny_sdxl))
-    calls = []
-    handle = pipe.unet.register_forward_pre_hook(lambda mod, args: calls.append(1))
-    try:
+    with denoiser_batches(manager, tiny_sdxl) as calls:
         r = run(
             settings(tiny_sdxl, scheduler="Euler", steps=10, refiner=str(tiny_sdxl), refiner_fraction=0.6),
             manager,
         )
-    finally:
-        handle.remove()
     assert r.images[0].size == (64, 64)
     assert len(calls) == 10  # 6 base steps + 4 refiner steps, one batched forward each
 

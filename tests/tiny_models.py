@@ -174,15 +174,6 @@ def build_tiny_ip2p(folder: Path, sd_folder: Path) -> Path:
     unet = widen_unet(sd.unet)
     with torch.no_grad():  # a random image branch, so that image guidance changes the output
         unet.conv_in.weight[:, 4:].normal_(0, 0.05)
-    pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=sd.vae,
-        text_encoder=sd.text_encoder,
-        tokenizer=sd.tokenizer,
-        unet=unet,
-        scheduler=sd.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pipe(sd, unet=unet)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from dataclasses import replace
@@ -45,8 +46,8 @@ def instruct_pix2pix_score(manager, model: str, n: int = 100, seed: int = EVAL_S
     return report
 
 
-def recolour_cases(n: int, seed: int = EVAL_SEED) -> list[tuple[CaptionSpec, CaptionSpec, object]]:
-    """(source caption, target caption, source scene): one shape, a position, a new colour."""
+def recolour_cases(n: int, seed: int = EVAL_SEED) -> list[tuple[CaptionSpec, object]]:
+    """(target caption, source scene): one shape at a position, the caption with a new colour."""
     rng = random.Random(seed)
     cases = []
     for _ in range(n):
@@ -57,7 +58,7 @@ def recolour_cases(n: int, seed: int = EVAL_SEED) -> list[tuple[CaptionSpec, Cap
         )
         new = rng.choice([c for c in COLORS if c != color])
         target = replace(spec, objects=(replace(spec.objects[0], color=new),))
-        cases.append((spec, target, sample_scene(spec, rng)))
+        cases.append((target, sample_scene(spec, rng)))
     return cases
 
 
@@ -68,25 +69,17 @@ def sdedit_recolour(
     from ..sdedit import SDEditSettings, run
 
     success = kept = follows = 0
-    for i, (_, target, scene) in enumerate(recolour_cases(n, seed)):
+    for i, (target, scene) in enumerate(recolour_cases(n, seed)):
         prompt = format_caption(target)
         s = SDEditSettings(prompt=prompt, model=model, strength=strength, seed=seed + i, **settings)
         edited = run(s, render(scene), manager).images[0]
         reading = read(edited)
         original = scene.shapes[0]
-        moved = [
-            ((x.cx - original.cx) ** 2 + (x.cy - original.cy) ** 2) ** 0.5 <= CENTRE_MOVE
-            for x in reading.shapes
-        ]
-        one = len(reading.shapes) == 1
-        kept += (
-            one
-            and moved[0]
-            and reading.shapes[0].kind == original.kind
-            and reading.background == scene.background
-        )
+        seen = reading.shapes[0] if len(reading.shapes) == 1 else None
+        stayed = seen is not None and math.dist((seen.cx, seen.cy), (original.cx, original.cy)) <= CENTRE_MOVE
+        kept += stayed and seen.kind == original.kind and reading.background == scene.background
         follows += satisfies(reading, target)
-        success += one and moved[0] and reading.shapes[0].color == target.objects[0].color
+        success += stayed and seen.color == target.objects[0].color
     return {
         "strength": strength,
         "success": round(float(success) / n, 4),

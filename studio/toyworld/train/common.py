@@ -9,6 +9,7 @@ killed at any moment resumes from its last checkpoint. Batches are drawn from a
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -174,6 +175,11 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
 
 def warmup_lr(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
+
+
+def cosine_decay(step: int, steps: int, floor: float = 0.1) -> float:
+    """Learning-rate multiplier: cosine from 1 at step 0 down to `floor` at the last step."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(step / steps * math.pi))
 
 
 def log(stage: str, step: int, total: int, **values) -> None:

@@ -21,15 +21,15 @@ import torch
 
 from .common import (
     EMA,
+    cosine_decay,
     images_to_tensor,
     load_checkpoint,
     log,
     pick_device,
     save_checkpoint,
-    save_tokenizer,
     warmup_lr,
 )
-from .sd import MIN_SNR_GAMMA, scheduler_config
+from .sd import export, loss_on_batch, scheduler_config
 
 SEED = 5
 STEPS = 3000
@@ -81,16 +81,6 @@ def build_edit_dataset(vae, path: Path, device, n: int = DATASET) -> dict:
     return {**data, "instructions": instructions}
 
 
-def loss_on_batch(unet, text_encoder, noise_scheduler, alphas, z0, cond, ids, noise, t) -> torch.Tensor:
-    """Min-SNR-γ weighted ε-prediction on [z_t, E(c_I)] (8 channels)."""
-    zt = noise_scheduler.add_noise(z0, noise, t)
-    context = text_encoder(ids).last_hidden_state
-    pred = unet(torch.cat([zt, cond], dim=1), t, encoder_hidden_states=context).sample
-    snr = alphas[t] / (1 - alphas[t])
-    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
-    return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-
-
 def train(work: Path, out: Path, steps: int = STEPS) -> None:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
@@ -130,11 +120,13 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         cond[(r >= DROP_SHARE) & (r < 3 * DROP_SHARE)] = 0.0
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (BATCH,), generator=g)
-        batch = [x.to(device) for x in (z0, cond, ids, noise, t)]
-        decay = 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * torch.pi))).item()
+        z0, cond, ids, noise, t = (x.to(device) for x in (z0, cond, ids, noise, t))
+        decay = cosine_decay(step, steps)
         for group, base_lr in zip(opt.param_groups, (LR, TEXT_LR), strict=True):
             group["lr"] = warmup_lr(step, base_lr, 100) * decay
-        loss = loss_on_batch(unet, text_encoder, noise_scheduler, alphas, *batch)
+        loss = loss_on_batch(
+            unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t, image_latents=cond
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
@@ -146,7 +138,9 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
             save_checkpoint(ckpt, modules, opt, step + 1, ema)
     save_checkpoint(ckpt, modules, opt, steps, ema)
     ema.copy_to(torch.nn.ModuleDict(modules))
-    export(out, vae, text_encoder, tokenizer, unet)
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    export(out, vae, text_encoder, tokenizer, unet, StableDiffusionInstructPix2PixPipeline, FOLDER)
     write_ip2p_card(out / FOLDER, unet, steps)
 
 
@@ -176,21 +170,3 @@ def write_ip2p_card(folder: Path, unet, steps: int, seconds: float | None = None
         {"held_out_edits_followed (judge reads before and after)": scores},
     )
     return scores
-
-
-def export(out: Path, vae, text_encoder, tokenizer, unet) -> None:
-    """Save a folder that `StableDiffusionInstructPix2PixPipeline.from_pretrained` loads (fp16)."""
-    from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
-
-    pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**scheduler_config()),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.to(torch.float16).save_pretrained(out / FOLDER, safe_serialization=True)
-    save_tokenizer(tokenizer, out / FOLDER / "tokenizer")

@@ -19,6 +19,7 @@ import torch
 
 from .common import (
     EMA,
+    cosine_decay,
     images_to_tensor,
     load_checkpoint,
     log,
@@ -98,10 +99,16 @@ def build_latent_dataset(vae, path: Path, device, n: int = DATASET) -> dict:
     return {**data, "captions": captions}
 
 
-def loss_on_batch(unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t) -> torch.Tensor:
-    """Min-SNR-γ weighted ε-prediction loss of one batch; `alphas` = the scheduler's ᾱ on z0's device."""
+def loss_on_batch(
+    unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t, image_latents=None
+) -> torch.Tensor:
+    """Min-SNR-γ weighted ε-prediction loss of one batch; `alphas` = the scheduler's ᾱ on z0's device.
+
+    `image_latents` (InstructPix2Pix) are concatenated to z_t on the channel axis."""
     zt = noise_scheduler.add_noise(z0, noise, t)
     context = text_encoder(ids).last_hidden_state
+    if image_latents is not None:
+        zt = torch.cat([zt, image_latents], dim=1)
     pred = unet(zt, t, encoder_hidden_states=context).sample
     snr = alphas[t] / (1 - alphas[t])
     weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
@@ -146,7 +153,7 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (BATCH,), generator=g)
         z0, ids, noise, t = z0.to(device), ids.to(device), noise.to(device), t.to(device)
-        decay = 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * torch.pi))).item()
+        decay = cosine_decay(step, steps)
         for group, base in zip(opt.param_groups, (LR, TEXT_LR), strict=True):
             group["lr"] = warmup_lr(step, base, 200) * decay
         loss = loss_on_batch(unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t)
@@ -164,11 +171,14 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
     export(out, vae, text_encoder, tokenizer, unet)
 
 
-def export(out: Path, vae, text_encoder, tokenizer, unet) -> None:
-    """Save a folder that `StableDiffusionPipeline.from_pretrained` loads (weights in fp16)."""
+def export(
+    out: Path, vae, text_encoder, tokenizer, unet, pipeline_class=None, folder: str = "toy-sd"
+) -> None:
+    """Save a folder that `pipeline_class.from_pretrained` loads (weights in fp16); by default
+    `StableDiffusionPipeline`, whose components InstructPix2Pix shares."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
+    pipe = (pipeline_class or StableDiffusionPipeline)(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -178,5 +188,5 @@ def export(out: Path, vae, text_encoder, tokenizer, unet) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.to(torch.float16).save_pretrained(out / "toy-sd", safe_serialization=True)
-    save_tokenizer(tokenizer, out / "toy-sd" / "tokenizer")  # vocab.json + merges.txt too
+    pipe.to(torch.float16).save_pretrained(out / folder, safe_serialization=True)
+    save_tokenizer(tokenizer, out / folder / "tokenizer")  # vocab.json + merges.txt too

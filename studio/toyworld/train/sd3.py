@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from .common import (
     EMA,
     batch_rng,
+    cosine_decay,
     load_checkpoint,
     log,
     pick_device,
@@ -283,7 +284,7 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         noise = torch.randn(z0.shape, generator=g)
         t = torch.sigmoid(torch.randn(BATCH, generator=g) * LOGIT_STD + LOGIT_MEAN)
         rows = rows.to(device)
-        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(step / steps * math.pi))
+        decay = cosine_decay(step, steps)
         for group in opt.param_groups:
             group["lr"] = warmup_lr(step, LR, WARMUP) * decay
         loss = loss_on_batch(
