@@ -18,6 +18,7 @@ from studio.service import Paths, Studio
 from studio.settings import SettingsError
 from tabs import editing as editing_tab
 from tabs import gallery as gallery_tab
+from tabs import p2p as p2p_tab
 from tabs import txt2img as txt2img_tab
 from tabs.common import TAB_IDS, bus_message, make_bus
 from tabs.launch import launch_options
@@ -36,6 +37,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 txt2img_tab.build(studio, bus)
             with gr.Tab("Editing", id="editing"):
                 editing_tab.build(studio, bus)
+            with gr.Tab("Prompt-to-Prompt", id="p2p"):
+                p2p_tab.build(studio, bus)
             with gr.Tab("Gallery", id="gallery") as gallery:
                 gallery_ui = gallery_tab.build(studio, bus, send_targets=[("editing", "editing")])
 

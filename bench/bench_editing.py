@@ -16,27 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def draw_sweep(rows: list[dict], path: Path) -> None:
-    """A small line chart of the sweep (PIL only): strength on x, share on y."""
-    from PIL import Image, ImageDraw
-
-    w, h, pad = 480, 300, 40
-    image = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(image)
-    d.rectangle((pad, pad // 2, w - pad // 2, h - pad), outline="black")
-    for i in range(0, 11, 2):
-        x = pad + (w - 1.5 * pad) * i / 10
-        d.text((x - 6, h - pad + 4), f"{i / 10:.1f}", fill="black")
-        y = h - pad - (h - 1.5 * pad) * i / 10
-        d.text((4, y - 6), f"{i / 10:.1f}", fill="black")
-    for key, color in (("kept_layout", (40, 90, 220)), ("follows_prompt", (220, 40, 40))):
-        points = [(pad + (w - 1.5 * pad) * r["strength"], h - pad - (h - 1.5 * pad) * r[key]) for r in rows]
-        d.line(points, fill=color, width=2)
-        d.text((points[-1][0] - 90, points[-1][1] + (6 if key == "kept_layout" else -14)), key, fill=color)
-    d.text((w // 2 - 30, h - 14), "strength", fill="black")
-    image.save(path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -51,6 +31,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=Path("bench/sdedit_strength_sweep.png"))
     args = parser.parse_args()
 
+    from charts import line_chart
+
     from studio.models import ModelManager
     from studio.toyworld.edit_eval import instruct_pix2pix_score, sdedit_recolour, strength_sweep
 
@@ -62,7 +44,12 @@ def main() -> None:
     sweep = strength_sweep(manager, args.sd_model, n=args.sweep)
     report["strength_sweep"] = sweep
     report["seconds"] = round(time.perf_counter() - started, 1)
-    draw_sweep(sweep, args.plot)
+    line_chart(
+        {key: [(r["strength"], r[key]) for r in sweep] for key in ("kept_layout", "follows_prompt")},
+        "strength",
+        args.plot,
+        "share of cases",
+    )
     print(json.dumps(report, indent=1))
     print(f"sweep plot: {args.plot}")
 

@@ -4,6 +4,7 @@
     python -m studio txt2img --prompts-file prompts.txt --out-dir outs/
     python -m studio sdedit --image in.png --prompt "a blue circle in the center" --strength 0.6 --out out.png
     python -m studio ip2p --image in.png --instruction "make the circle blue" --out out.png
+    python -m studio p2p --prompt "a red circle" --edit-prompt "a red square" --mode replace --out-dir p2p/
     python -m studio models
 
 Errors a user can cause end the program with exit status 2 and one line on stderr.
@@ -22,6 +23,13 @@ class CliError(Exception):
     pass
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end with one line too, not argparse's usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def lora_arg(text: str):
     from .models import LoraRef
 
@@ -34,13 +42,23 @@ def lora_arg(text: str):
         raise argparse.ArgumentTypeError(f"--lora takes PATH[:WEIGHT], not {text!r}") from None
 
 
+def reweight_arg(text: str):
+    from .p2p import Reweight
+
+    word, sep, factor = text.rpartition(":")
+    try:
+        if sep and word:
+            return Reweight(word, float(factor))
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"--reweight takes WORD:FACTOR, not {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineParser(add_help=False)
     common.add_argument("--data-dir", help="where gallery.db and images/ live (default ./data)")
     common.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    parser = argparse.ArgumentParser(
-        prog="python -m studio", description="Latent Studio from the command line"
-    )
+    parser = OneLineParser(prog="python -m studio", description="Latent Studio from the command line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("txt2img", help="text to image", parents=[common])
@@ -83,6 +101,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--scheduler")
     _edit_arguments(p)
+
+    q = sub.add_parser(
+        "p2p", help="Prompt-to-Prompt: edit a generation by editing its prompt", parents=[common]
+    )
+    q.add_argument("--model", default="toy-sd")
+    q.add_argument("--prompt", required=True, help="the source prompt")
+    q.add_argument("--edit-prompt", default="", help="the edited prompt (reweight: leave out)")
+    q.add_argument("--mode", default="replace", help="replace (swap words), refine (add words) or reweight")
+    q.add_argument(
+        "--cross-replace", type=float, default=0.8, help="share of steps with the source's cross-attention"
+    )
+    q.add_argument(
+        "--self-replace", type=float, default=0.4, help="share of steps with the source's self-attention"
+    )
+    q.add_argument(
+        "--local-blend", nargs="+", default=[], metavar="WORD", help="change only where these words attend"
+    )
+    q.add_argument("--blend-threshold", type=float, default=0.3)
+    q.add_argument("--reweight", type=reweight_arg, action="append", default=[], metavar="WORD:FACTOR")
+    q.add_argument(
+        "--map-size", type=int, help="latent width of the attention layers shown (default: finest ≤ 16)"
+    )
+    q.add_argument("--negative-prompt", default="")
+    q.add_argument("--scheduler")
+    q.add_argument("--seed", type=int)
+    q.add_argument("--steps", type=int)
+    q.add_argument("--guidance", type=float)
+    q.add_argument(
+        "--out-dir", type=Path, required=True, help="gets source.png, edited.png and the attention maps"
+    )
+    q.add_argument("--no-gallery", action="store_true", help="do not store into the gallery")
 
     sub.add_parser("models", help="list the catalog", parents=[common])
     return parser
@@ -181,6 +230,50 @@ def edit_command(args, studio) -> int:
     return _write_one(args.out, result, items)
 
 
+def p2p_command(args, studio) -> int:
+    """source.png, edited.png (its child in the gallery) and the two attention-map sheets."""
+    from .p2p import PromptToPromptSettings
+    from .pngmeta import write_png
+    from .service import infotext
+
+    settings = PromptToPromptSettings(
+        prompt=args.prompt,
+        edit_prompt=args.edit_prompt,
+        mode=args.mode,
+        model=args.model,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
+        cross_replace=args.cross_replace,
+        self_replace=args.self_replace,
+        local_blend=tuple(w for words in args.local_blend for w in words.replace(",", " ").split()),
+        blend_threshold=args.blend_threshold,
+        reweight=tuple(args.reweight),
+        map_size=args.map_size,
+    )
+    result, items = studio.p2p(settings, store=not args.no_gallery)
+    s = result.settings
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name, image, prompt in (
+        ("source", result.images[0], s.prompt),
+        ("edited", result.images[1], s.edited_prompt),
+    ):
+        path = args.out_dir / f"{name}.png"
+        write_png(path, image, infotext(s, result.family, prompt), s.to_dict())
+        print(f"{path}\tseed {s.seed}")
+    for label, sheet in result.figures.items():
+        path = args.out_dir / f"attention_{label.split()[0]}.png"
+        sheet.save(path)
+        print(path)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if items:
+        print(f"gallery #{items[0].id} (source), #{items[1].id} (edited, child of #{items[0].id})")
+    return 0
+
+
 def _write_one(out: Path, result, items) -> int:
     from .pngmeta import write_png
     from .service import infotext
@@ -211,6 +304,7 @@ def main(argv=None) -> int:
         "txt2img": txt2img_command,
         "sdedit": edit_command,
         "ip2p": edit_command,
+        "p2p": p2p_command,
         "models": models_command,
     }
     try:

@@ -365,13 +365,14 @@ class ModelManager:
         task: str = "txt2img",
         *,
         loras: tuple[LoraRef, ...] = (),
-        attn_processors: dict | None = None,
+        attn_processors: dict | object | None = None,
     ) -> Iterator[object]:
         """A pipeline for `task` on model `name`, held on the lane for the block.
 
         The lent pipeline shares modules with the cached base (`from_pipe`), so the caller
         may set its scheduler freely; LoRAs and attention processors it asks for are
-        applied to the shared modules and removed again when the block ends.
+        applied to the shared modules and removed again when the block ends (`attn_processors`
+        is a name → processor dict, or one processor for every layer).
         """
         with self.lane:
             base = self.base(name)

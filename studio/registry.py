@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from .ip2p import InstructPix2PixSettings
+from .p2p import PromptToPromptSettings
 from .sdedit import SDEditSettings
 from .settings import Settings, SettingsError
 from .txt2img import Txt2ImgSettings
 
 SETTINGS_TYPES: dict[str, type[Settings]] = {
-    cls.technique: cls for cls in (Txt2ImgSettings, SDEditSettings, InstructPix2PixSettings)
+    cls.technique: cls
+    for cls in (Txt2ImgSettings, SDEditSettings, InstructPix2PixSettings, PromptToPromptSettings)
 }
 
 

@@ -14,6 +14,7 @@ class Result:
     family: str = ""
     duration_s: float = 0.0
     notes: list[str] = field(default_factory=list)  # what the run did that the user should know
+    figures: dict = field(default_factory=dict)  # named pictures a run drew besides its images
 
     def image_settings(self, index: int):
         """The settings that remake image `index` alone."""

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ip2p, sdedit, txt2img
+from . import ip2p, p2p, sdedit, txt2img
 from .gallery import Gallery, GalleryError, GalleryItem
 from .images import open_image
 from .models import ModelManager
@@ -37,8 +37,9 @@ class Paths:
         )
 
 
-def infotext(settings, family: str = "") -> str:
-    """AUTOMATIC1111's `parameters` text for one image's settings."""
+def infotext(settings, family: str = "", prompt: str | None = None) -> str:
+    """AUTOMATIC1111's `parameters` text for one image's settings (`prompt`: the image's own
+    prompt where it isn't `settings.prompt`, as for Prompt-to-Prompt's edited image)."""
     params = {
         "Steps": settings.steps,
         "Sampler": settings.scheduler,
@@ -51,12 +52,17 @@ def infotext(settings, family: str = "") -> str:
         params["Denoising strength"] = settings.strength
     if getattr(settings, "image_guidance", None) is not None:
         params["Image CFG scale"] = settings.image_guidance
+    if settings.technique == "p2p":
+        params["Prompt-to-Prompt"] = (
+            f"{settings.mode} from {settings.prompt!r}; cross {settings.cross_replace:g}, "
+            f"self {settings.self_replace:g}"
+        )
     if getattr(settings, "loras", ()):
         params["Lora weights"] = ", ".join(f"{lr.source}: {lr.weight}" for lr in settings.loras)
     if family:
         params["Family"] = family
     params["Version"] = "latent-studio"
-    return format_infotext(settings.prompt, settings.negative_prompt, params)
+    return format_infotext(prompt or settings.prompt, settings.negative_prompt, params)
 
 
 class Studio:
@@ -90,6 +96,18 @@ class Studio:
         """InstructPix2Pix on `image` (or the gallery item `settings.source_id`)."""
         return self._edit(ip2p.run, settings, image, on_step=on_step, store=store)
 
+    def p2p(self, settings: p2p.PromptToPromptSettings, *, on_step=None, store: bool = True):
+        """Prompt-to-Prompt: the source and the edited image (its child) from one run."""
+        result = p2p.run(settings, self.models, on_step=on_step)
+        if not store:
+            return result, []
+        s, per_image = result.settings, result.duration_s / 2
+        source = self._add(result.images[0], s, result.family, per_image, prompt=s.prompt)
+        edited = self._add(
+            result.images[1], s, result.family, per_image, prompt=s.edited_prompt, parent_id=source.id
+        )
+        return result, [source, edited]
+
     def _edit(self, run, settings, image, *, on_step, store: bool):
         # 1. The input: an upload, or a gallery item; an upload is stored first (as the parent).
         source = self._source_item(settings.source_id) if settings.source_id is not None else None
@@ -121,30 +139,31 @@ class Studio:
         return item
 
     def store(self, result, parent_id: int | None = None) -> list[GalleryItem]:
-        items = []
         per_image = result.duration_s / max(1, len(result.images))
-        for index, image in enumerate(result.images):
-            s = result.image_settings(index)
-            items.append(
-                self.gallery.add(
-                    image,
-                    technique=s.technique,
-                    model=s.model,
-                    prompt=s.prompt,
-                    negative_prompt=s.negative_prompt,
-                    seed=s.seed,
-                    steps=s.steps,
-                    guidance=s.guidance,
-                    width=image.width,
-                    height=image.height,
-                    scheduler=s.scheduler,
-                    settings=s.to_dict(),
-                    infotext=infotext(s, result.family),
-                    parent_id=parent_id,
-                    duration_s=per_image,
-                )
-            )
-        return items
+        return [
+            self._add(image, result.image_settings(index), result.family, per_image, parent_id=parent_id)
+            for index, image in enumerate(result.images)
+        ]
+
+    def _add(self, image, s, family: str, duration_s: float, *, prompt=None, parent_id=None) -> GalleryItem:
+        """Store one image with the settings that remake it."""
+        return self.gallery.add(
+            image,
+            technique=s.technique,
+            model=s.model,
+            prompt=prompt or s.prompt,
+            negative_prompt=s.negative_prompt,
+            seed=s.seed,
+            steps=s.steps,
+            guidance=s.guidance,
+            width=image.width,
+            height=image.height,
+            scheduler=s.scheduler,
+            settings=s.to_dict(),
+            infotext=infotext(s, family, prompt),
+            parent_id=parent_id,
+            duration_s=duration_s,
+        )
 
     @staticmethod
     def preview(latents, spec):

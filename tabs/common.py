@@ -26,6 +26,7 @@ TAB_IDS = {
     "gallery": "gallery",
     "sdedit": "editing",
     "ip2p": "editing",
+    "p2p": "p2p",
     "controlnet": "controlnet",
     "ip_adapter": "ip_adapter",
 }

@@ -28,6 +28,7 @@ API_NAMES = {
     "/gallery_import",
     "/sdedit",
     "/ip2p",
+    "/p2p",
 }
 PROMPT = "a red circle on the left"
 
@@ -311,13 +312,64 @@ def test_bad_edit_is_a_clear_error(app, tiny_sd, tiny_ip2p, source_png, tmp_path
     assert server_tracebacks(capfd) == ""
 
 
+def p2p_settings(app, **changes) -> dict:
+    base = {
+        "prompt": "a red circle on the left",
+        "edit_prompt": "a red square on the left",
+        "model": app.model,
+        "steps": 4,
+        "seed": 6,
+    }
+    base.update(changes)
+    return base
+
+
+def test_p2p_returns_both_images_and_their_attention_maps(app):
+    before = app.studio.gallery.count()
+    images, info = app.client.predict(p2p_settings(app, local_blend=["circle", "square"]), api_name="/p2p")
+    paths = [entry["image"] for entry in images]
+    assert len(paths) == 4  # source, edited, and each prompt's attention sheet
+    source, edited = (app.studio.gallery.get(i) for i in info["ids"])
+    assert edited.parent_id == source.id and edited.prompt == "a red square on the left"
+    assert info["seed"] == 6 and info["settings"]["local_blend"] == ["circle", "square"]
+    assert app.studio.gallery.count() == before + 2
+    with Image.open(paths[2]) as sheet:
+        assert sheet.width == 6 * 128  # one tile per word of "a red circle on the left"
+
+
+BAD_P2P = {
+    "words that can't be aligned": (
+        {"edit_prompt": "a big red square on the left"},
+        "replace swaps words one for one",
+    ),
+    "a word not in the prompt": (
+        {"reweight": [{"word": "blue", "factor": 2}]},
+        "'blue' is not in the edit prompt",
+    ),
+    "a fraction above 1": ({"cross_replace": 1.2}, "between 0.0 and 1.0"),
+    "an unknown mode": ({"mode": "swap"}, "mode must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_P2P))
+def test_bad_p2p_is_a_clear_error(app, case, capfd):
+    changes, phrase = BAD_P2P[case]
+    before = app.studio.gallery.count()
+    with pytest.raises(AppError) as caught:
+        app.client.predict(p2p_settings(app, **changes), api_name="/p2p")
+    message = str(caught.value)
+    assert phrase in message and "Traceback" not in message
+    assert app.studio.gallery.count() == before
+    assert server_tracebacks(capfd) == ""
+
+
 def test_app_still_serves_after_bad_input(app):
     """Runs last: every refused request above left the app working and the gallery as it was."""
     items, total = app.client.predict("", api_name="/gallery_search")
     assert total == app.studio.gallery.count() == len(items)
-    # Only test_txt2img_stores_searches_and_remakes (an image and its remake) and the two edit
-    # tests (uploads and their edits) stored anything.
-    assert {item["technique"] for item in items} <= {"txt2img", "upload", "sdedit", "ip2p"}
+    # Only test_txt2img_stores_searches_and_remakes (an image and its remake), the two edit
+    # tests (uploads and their edits) and the P2P test (a source and its edit) stored anything.
+    assert {item["technique"] for item in items} <= {"txt2img", "upload", "sdedit", "ip2p", "p2p"}
     assert all(item["prompt"] == PROMPT for item in items if item["technique"] == "txt2img")
     paths, info = generate(app, settings(app, prompt="a green square", seed=5))
     assert app.studio.gallery.count() == total + 1

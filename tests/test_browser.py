@@ -354,3 +354,46 @@ def test_an_unreadable_upload_is_a_clear_error(page, app, tmp_path, capfd):
     assert app.studio.gallery.count() == before
     assert page.errors == []
     assert server_tracebacks(capfd) == ""
+
+
+def test_prompt_to_prompt_tab_shows_both_images_and_the_maps(page, app, tmp_path, capfd):
+    from studio.p2p import PromptToPromptSettings
+    from studio.presets import encode_link
+
+    # A share link opens the P2P tab with its settings, as a user would receive it.
+    link = PromptToPromptSettings(
+        prompt="a red circle on the left",
+        edit_prompt="a red square on the left",
+        model=app.model,
+        seed=21,
+        steps=5,
+        local_blend=("circle", "square"),
+    )
+    open_app(page, f"{app.url}?s={encode_link(link)}")
+    page.wait_for_function(
+        "(document.querySelector('#p2p-edit-prompt textarea') || {}).value === 'a red square on the left'"
+    )
+    assert (
+        page.locator("#p2p-local-blend textarea, #p2p-local-blend input").first.input_value()
+        == "circle square"
+    )
+    before = app.studio.gallery.count()
+    page.click("#p2p-generate")
+    page.wait_for_function("document.querySelector('#p2p-info').innerText.includes('gallery #')")
+    assert page.locator("#p2p-compare img").count() == 2  # source / edited
+    page.wait_for_selector("#p2p-source-maps img")
+    page.wait_for_selector("#p2p-edited-maps img")
+    assert app.studio.gallery.count() == before + 2
+    edited = app.studio.gallery.search("a red square on the left", page_size=1).items[0]
+    assert edited.parent_id is not None and edited.seed == 21
+    assert f"#{edited.id} (edited, its child)" in page.inner_text("#p2p-info")
+
+    # A prompt pair that can't be aligned is a clear message, and nothing is stored.
+    page.locator("#p2p-edit-prompt textarea").fill("a big red square on the left")
+    page.click("#p2p-generate")
+    toast(page, "replace swaps words one for one").first.wait_for()
+    assert app.studio.gallery.count() == before + 2
+    page.screenshot(path=str(tmp_path / "p2p.png"), full_page=True)
+    shutil.copyfile(tmp_path / "p2p.png", "/tmp/e2e-p2p.png")
+    assert page.errors == []
+    assert server_tracebacks(capfd) == ""

@@ -1,0 +1,142 @@
+"""Measure Prompt-to-Prompt on the toy world, with the judge reading both pictures.
+
+* `word_swap`: one-shape prompts ("a red circle on the left [on a gray background]") whose
+  shape word or colour word is swapped. A case counts when the judge reads exactly one
+  shape in each picture, the edited one has the new word, and the other attribute, the
+  background and the centre (≤ 4 px on each axis) are the source's. The same cases are
+  judged for plain regeneration too: txt2img of the edited prompt with the same seed,
+  against the source picture, which is what a user gets without attention control.
+* `reweight_sweep`: one prompt, one colour word, its attention factor swept; the share of
+  the picture's pixels nearest to that colour, averaged over seeds.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from .captions import CaptionSpec, ObjectSpec, format_caption
+from .judge import read
+from .world import BACKGROUNDS, COLORS, POSITIONS, SHAPES
+
+EVAL_SEED = 4242
+CENTRE_MOVE = 4.0
+
+
+@dataclass(frozen=True)
+class SwapCase:
+    prompt: str
+    edit_prompt: str
+    attribute: str  # "shape" or "color"
+    new: str  # the swapped-in word
+    seed: int
+
+
+def swap_cases(n: int, seed: int = EVAL_SEED) -> list[SwapCase]:
+    """Alternately a shape swap and a colour swap of a one-shape prompt with a position."""
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        position = rng.choice(POSITIONS)
+        background = rng.choice([None, *BACKGROUNDS])
+        source = ObjectSpec(color, shape, None, position)
+        if i % 2 == 0:
+            attribute, new = "shape", rng.choice([s for s in SHAPES if s != shape])
+            edited = ObjectSpec(color, new, None, position)
+        else:
+            attribute, new = "color", rng.choice([c for c in COLORS if c != color])
+            edited = ObjectSpec(new, shape, None, position)
+        cases.append(
+            SwapCase(
+                format_caption(CaptionSpec((source,), background=background)),
+                format_caption(CaptionSpec((edited,), background=background)),
+                attribute,
+                new,
+                seed + i,
+            )
+        )
+    return cases
+
+
+def swap_kept(source_image, edited_image, case: SwapCase) -> bool:
+    """The named attribute changed to `case.new`; the other one, background and centre kept."""
+    before, after = read(source_image), read(edited_image)
+    if len(before.shapes) != 1 or len(after.shapes) != 1 or before.background != after.background:
+        return False
+    a, b = before.shapes[0], after.shapes[0]
+    if abs(a.cx - b.cx) > CENTRE_MOVE or abs(a.cy - b.cy) > CENTRE_MOVE:
+        return False
+    if case.attribute == "shape":
+        return b.kind == case.new and b.color == a.color
+    return b.color == case.new and b.kind == a.kind
+
+
+def word_swap(manager, model: str, n: int = 50, seed: int = EVAL_SEED, **settings) -> dict:
+    """Share of `n` swaps that keep everything else, with P2P and with plain regeneration."""
+    from ..p2p import PromptToPromptSettings
+    from ..p2p import run as run_p2p
+    from ..txt2img import Txt2ImgSettings
+    from ..txt2img import run as run_txt2img
+
+    hits = {"p2p": 0, "regenerate": 0}
+    by_attribute = {"shape": [0, 0], "color": [0, 0]}
+    for case in swap_cases(n, seed):
+        s = PromptToPromptSettings(
+            prompt=case.prompt, edit_prompt=case.edit_prompt, model=model, seed=case.seed, **settings
+        )
+        result = run_p2p(s, manager)
+        source, edited = result.images
+        plain = Txt2ImgSettings(
+            prompt=case.edit_prompt,
+            model=model,
+            seed=case.seed,
+            steps=result.settings.steps,
+            guidance=result.settings.guidance,
+            scheduler=result.settings.scheduler,
+        )
+        regenerated = run_txt2img(plain, manager).images[0]
+        kept = swap_kept(source, edited, case)
+        hits["p2p"] += kept
+        hits["regenerate"] += swap_kept(source, regenerated, case)
+        by_attribute[case.attribute][0] += kept
+        by_attribute[case.attribute][1] += 1
+    report = {name: round(count / n, 4) for name, count in hits.items()}
+    report.update({f"p2p {k}": round(h / max(1, c), 4) for k, (h, c) in by_attribute.items()})
+    report["n"] = n
+    return report
+
+
+def color_share(image, color: str) -> float:
+    """Share of pixels whose nearest palette colour (backgrounds and objects) is `color`."""
+    palette = {**BACKGROUNDS, **COLORS}
+    names = list(palette)
+    table = np.array([palette[k] for k in names], dtype=np.float32)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 1, 3)
+    nearest = ((pixels - table[None]) ** 2).sum(-1).argmin(-1)
+    return float((nearest == names.index(color)).mean())
+
+
+def reweight_sweep(
+    manager, model: str, prompt: str, word: str, factors, seeds, share_of: str | None = None, **settings
+) -> dict[float, float]:
+    """Mean share of `word`'s colour in the reweighted image, per factor."""
+    from ..p2p import PromptToPromptSettings, Reweight, run
+
+    shares = {}
+    for factor in factors:
+        values = []
+        for seed in seeds:
+            s = PromptToPromptSettings(
+                prompt=prompt,
+                mode="reweight",
+                reweight=(Reweight(word, float(factor)),),
+                model=model,
+                seed=seed,
+                **settings,
+            )
+            values.append(color_share(run(s, manager).images[1], share_of or word))
+        shares[float(factor)] = round(float(np.mean(values)), 4)
+    return shares
