@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -31,8 +30,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=Path("bench/sdedit_strength_sweep.png"))
     args = parser.parse_args()
 
-    from charts import line_chart
-
+    from studio.charts import line_chart
     from studio.models import ModelManager
     from studio.toyworld.edit_eval import instruct_pix2pix_score, sdedit_recolour, strength_sweep
 
@@ -47,9 +45,8 @@ def main() -> None:
     line_chart(
         {key: [(r["strength"], r[key]) for r in sweep] for key in ("kept_layout", "follows_prompt")},
         "strength",
-        args.plot,
         "share of cases",
-    )
+    ).save(args.plot)
     print(json.dumps(report, indent=1))
     print(f"sweep plot: {args.plot}")
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FACTORS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 REWEIGHT_PROMPTS = {
@@ -37,8 +36,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=Path("bench/p2p_reweight.png"))
     args = parser.parse_args()
 
-    from charts import line_chart
-
+    from studio.charts import line_chart
     from studio.models import ModelManager
     from studio.toyworld.p2p_eval import reweight_sweep, word_swap
 
@@ -53,9 +51,8 @@ def main() -> None:
     line_chart(
         {key.split(" on a")[0]: list(shares.items()) for key, shares in report["reweight"].items()},
         "reweight factor of 'red'",
-        args.plot,
         "red pixel share",
-    )
+    ).save(args.plot)
     print(json.dumps(report, indent=1))
     print(f"reweight plot: {args.plot}")
 

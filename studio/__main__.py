@@ -5,6 +5,7 @@
     python -m studio sdedit --image in.png --prompt "a blue circle in the center" --strength 0.6 --out out.png
     python -m studio ip2p --image in.png --instruction "make the circle blue" --out out.png
     python -m studio p2p --prompt "a red circle" --edit-prompt "a red square" --mode replace --out-dir p2p/
+    python -m studio controlnet --controlnet toy-sd-controlnet-canny --image in.png --prompt "a red circle" --out out.png
     python -m studio models
 
 Errors a user can cause end the program with exit status 2 and one line on stderr.
@@ -52,6 +53,22 @@ def reweight_arg(text: str):
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"--reweight takes WORD:FACTOR, not {text!r}")
+
+
+def control_arg(text: str) -> tuple[str, float]:
+    name, sep, scale = text.rpartition(":")
+    if sep and name:
+        try:
+            return name, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def preprocessor_names() -> list[str]:
+    from .preprocessors import PREPROCESSORS
+
+    return list(PREPROCESSORS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +149,87 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", type=Path, required=True, help="gets source.png, edited.png and the attention maps"
     )
     q.add_argument("--no-gallery", action="store_true", help="do not store into the gallery")
+
+    c = sub.add_parser(
+        "controlnet", help="text to image following control maps (ControlNet, T2I-Adapter)", parents=[common]
+    )
+    c.add_argument("--model", default="toy-sd")
+    c.add_argument(
+        "--controlnet",
+        type=control_arg,
+        action="append",
+        required=True,
+        metavar="NAME[:SCALE]",
+        help="a ControlNet or T2I-Adapter; repeat for several (MultiControlNet)",
+    )
+    c.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        required=True,
+        help="each unit's picture, in --controlnet order (one picture serves them all)",
+    )
+    c.add_argument(
+        "--preprocessor",
+        action="append",
+        default=[],
+        help="each unit's preprocessor (default: the ControlNet's own, else none): "
+        + ", ".join(preprocessor_names()),
+    )
+    c.add_argument("--start", type=float, default=0.0, help="share of the steps before the units start")
+    c.add_argument("--end", type=float, default=1.0, help="share of the steps after which they stop")
+    c.add_argument("--guess-mode", action="store_true")
+    c.add_argument("--prompt", required=True)
+    c.add_argument("--negative-prompt", default="")
+    c.add_argument("--seed", type=int)
+    c.add_argument("--steps", type=int)
+    c.add_argument("--guidance", type=float)
+    c.add_argument("--width", type=int)
+    c.add_argument("--height", type=int)
+    c.add_argument("--scheduler")
+    c.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="PATH[:WEIGHT]")
+    c.add_argument("--out", type=Path, required=True, help="output PNG (the maps go beside it)")
+    c.add_argument("--no-gallery", action="store_true", help="do not store into the gallery")
+
+    v = sub.add_parser(
+        "evaluate", help="score models (or pictures) by FID, CLIP-Score, toy GenEval", parents=[common]
+    )
+    v.add_argument(
+        "--metric",
+        action="append",
+        required=True,
+        help="toy-geneval, clip-score, fid, imagereward, hpsv2, pickscore",
+    )
+    what = v.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", action="append", help="generate with this model (repeat for several)")
+    what.add_argument(
+        "--images", type=Path, help="score the PNGs in this folder instead (prompts from their metadata)"
+    )
+    v.add_argument(
+        "--prompts",
+        type=Path,
+        help="a prompt file, one a line (default: toy GenEval's set, or the general list)",
+    )
+    v.add_argument(
+        "--grid",
+        default="guidance=4",
+        help="one settings axis and its values, e.g. guidance=1,3,5,7 or steps=10,25",
+    )
+    v.add_argument("--samples", type=int, default=1, help="seeds per prompt")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--steps", type=int)
+    v.add_argument("--per-category", type=int, default=12, help="toy GenEval prompts per category")
+    v.add_argument("--clip-model", help="a CLIP folder for CLIP-Score and FID features (default: toy-clip)")
+    v.add_argument("--reference", type=Path, help="reference pictures for FID (default: toy-world renders)")
+    v.add_argument("--out-dir", type=Path, required=True, help="gets results.json and the plots")
+    v.add_argument("--no-gallery", action="store_true", help="do not store the results into the gallery")
+
+    a = sub.add_parser(
+        "convert-annotator",
+        help="convert a published annotator .pth to safetensors (weights only)",
+        parents=[common],
+    )
+    a.add_argument("file", type=Path, help="e.g. ControlNetHED.pth from lllyasviel/Annotators")
 
     sub.add_parser("models", help="list the catalog", parents=[common])
     return parser
@@ -274,6 +372,142 @@ def p2p_command(args, studio) -> int:
     return 0
 
 
+def controlnet_command(args, studio) -> int:
+    """One image to --out, each unit's map beside it as OUT.map1.png, ...; maps are the parents."""
+    from .controlnet import ControlNetSettings, ControlUnit
+
+    n = len(args.controlnet)
+    images = args.image if len(args.image) == n else args.image * n if len(args.image) == 1 else None
+    if images is None:
+        raise CliError(f"{n} --controlnet but {len(args.image)} --image: give one picture, or one for each")
+    if args.preprocessor and len(args.preprocessor) != n:
+        raise CliError(f"{n} --controlnet but {len(args.preprocessor)} --preprocessor: give one for each")
+    units = []
+    for i, (name, scale) in enumerate(args.controlnet):
+        if args.preprocessor:
+            preprocessor = args.preprocessor[i]
+        else:
+            preprocessor = studio.models.resolve_control(name).defaults.get("preprocessor", "none")
+        units.append(
+            ControlUnit(model=name, scale=scale, start=args.start, end=args.end, preprocessor=preprocessor)
+        )
+    settings = ControlNetSettings(
+        prompt=args.prompt,
+        model=args.model,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+        loras=tuple(args.lora),
+        units=tuple(units),
+        guess_mode=args.guess_mode,
+    )
+    result, items = studio.controlnet(settings, images, store=not args.no_gallery)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for i in range(n):
+        path = args.out.with_suffix(f".map{i + 1}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result.figures[f"control map {i + 1}"].save(path)
+        print(path)
+    return _write_one(args.out, result, items)
+
+
+def evaluate_command(args, studio) -> int:
+    """results.json (one key per metric) and one PNG per figure in --out-dir."""
+    import json
+
+    from .evaluate import EvaluationSettings, score_pictures
+
+    axis, sep, values = args.grid.partition("=")
+    if not sep or not values.strip():
+        raise CliError(f"--grid takes AXIS=V1,V2,..., not {args.grid!r}")
+    prompts = ()
+    if args.prompts:
+        prompts = tuple(_read_lines(args.prompts))
+    metrics = tuple(args.metric)
+    prompt_set = (
+        "custom" if prompts else "toy-geneval" if "toy-geneval" in metrics or args.images else "general"
+    )
+    extra = {"clip_model": args.clip_model} if args.clip_model else {}
+    settings = EvaluationSettings(
+        metrics=metrics,
+        models=tuple(args.model or ("pictures",)),
+        prompt_set=prompt_set,
+        prompts=prompts,
+        axis=axis.strip(),
+        values=tuple(v.strip() for v in values.split(",") if v.strip()),
+        samples=args.samples,
+        seed=args.seed,
+        steps=args.steps,
+        per_category=args.per_category,
+        reference=str(args.reference) if args.reference else None,
+        **extra,
+    )
+
+    def progress(done, total):
+        print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
+
+    if args.images:
+        pictures, picture_prompts = _pictures_with_prompts(args.images)
+        report, record = score_pictures(settings, pictures, picture_prompts), None
+    else:
+        report, record = studio.evaluate(settings, on_progress=progress, store=not args.no_gallery)
+        print(file=sys.stderr)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    results = report.results()
+    (args.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    for name, picture in report.figures.items():
+        picture.save(args.out_dir / (name.replace(" ", "_") + ".png"))
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in results.items() if k in metrics}))
+    if record is not None:
+        print(f"stored as evaluation #{record.id}")
+    return 0
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read {path}: {exc}") from None
+    if not lines:
+        raise CliError(f"{path} has no lines")
+    return lines
+
+
+def _pictures_with_prompts(folder: Path):
+    from .images import open_image
+    from .pngmeta import read_png
+
+    files = sorted(folder.glob("*.png"))
+    if not files:
+        raise CliError(f"{folder} has no PNG pictures")
+    pictures, prompts = [], []
+    for path in files:
+        pictures.append(open_image(path))
+        try:
+            meta = read_png(path)
+        except ValueError:
+            meta = None
+        prompt = (meta.settings or {}).get("prompt") if meta and meta.settings else None
+        if not prompt and meta and meta.infotext:
+            prompt = meta.infotext.split("\n")[0]
+        prompts.append(prompt or "")
+    return pictures, prompts
+
+
+def convert_annotator_command(args, studio) -> int:
+    from .preprocessors import convert_annotator
+
+    print(convert_annotator(args.file))
+    return 0
+
+
 def _write_one(out: Path, result, items) -> int:
     from .pngmeta import write_png
     from .service import infotext
@@ -305,6 +539,9 @@ def main(argv=None) -> int:
         "sdedit": edit_command,
         "ip2p": edit_command,
         "p2p": p2p_command,
+        "controlnet": controlnet_command,
+        "convert-annotator": convert_annotator_command,
+        "evaluate": evaluate_command,
         "models": models_command,
     }
     try:

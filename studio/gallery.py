@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "MIGRATIONS_DIR",
+    "Evaluation",
     "Gallery",
     "GalleryError",
     "GalleryItem",
@@ -179,6 +180,27 @@ image_tags = sa.Table(
 
 # The FTS5 virtual table, described only so queries can be built with Core.
 _images_fts = sa.Table("images_fts", sa.MetaData(), sa.Column("rowid", sa.Integer))
+
+evaluations = sa.Table(
+    "evaluations",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("settings", sa.Text, nullable=False),
+    sa.Column("results", sa.Text, nullable=False),
+    sa.Column("figure_ids", sa.Text, nullable=False),
+    sa.Column("duration_s", sa.Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    id: int
+    created_at: datetime
+    settings: dict
+    results: dict
+    figure_ids: tuple[int, ...]
+    duration_s: float
 
 
 def _make_engine(db_path: Path) -> sa.Engine:
@@ -503,6 +525,46 @@ class Gallery:
         if item is None:
             raise ItemNotFound(f"There is no image with id {item_id} in the gallery.")
         return item
+
+    def add_evaluation(
+        self, settings: dict, results: dict, figure_ids: Sequence[int] = (), duration_s: float = 0.0
+    ) -> Evaluation:
+        """Store one evaluation run's settings and numbers (figures are gallery items already)."""
+        created = datetime.now(UTC)
+        row = {
+            "created_at": _to_us("creation", created),
+            "settings": json.dumps(settings, allow_nan=False),
+            "results": json.dumps(results, allow_nan=False),
+            "figure_ids": json.dumps([int(i) for i in figure_ids]),
+            "duration_s": float(duration_s),
+        }
+        with self._writer() as conn:
+            transaction = conn.begin()
+            new_id = conn.execute(sa.insert(evaluations).values(**row)).inserted_primary_key[0]
+            self._commit(transaction)
+        return Evaluation(
+            new_id, created, settings, results, tuple(int(i) for i in figure_ids), float(duration_s)
+        )
+
+    def evaluations(self, limit: int = 50) -> list[Evaluation]:
+        """The latest evaluation runs, newest first."""
+        query = (
+            sa.select(evaluations)
+            .order_by(evaluations.c.id.desc())
+            .limit(max(1, min(int(limit), MAX_PAGE_SIZE)))
+        )
+        with self._db().connect() as conn:
+            return [
+                Evaluation(
+                    r.id,
+                    _from_us(r.created_at),
+                    json.loads(r.settings),
+                    json.loads(r.results),
+                    tuple(json.loads(r.figure_ids)),
+                    r.duration_s,
+                )
+                for r in conn.execute(query)
+            ]
 
     def count(self) -> int:
         with self._db().connect() as conn:

@@ -35,14 +35,25 @@ PIPELINES = {
         "txt2img": "StableDiffusionPipeline",
         "img2img": "StableDiffusionImg2ImgPipeline",
         "ip2p": "StableDiffusionInstructPix2PixPipeline",
+        "controlnet": "StableDiffusionControlNetPipeline",
+        "t2i-adapter": "StableDiffusionAdapterPipeline",
     },
-    "sdxl": {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline"},
+    "sdxl": {
+        "txt2img": "StableDiffusionXLPipeline",
+        "img2img": "StableDiffusionXLImg2ImgPipeline",
+        "controlnet": "StableDiffusionXLControlNetPipeline",
+        "t2i-adapter": "StableDiffusionXLAdapterPipeline",
+    },
     "sdxl-refiner": {"img2img": "StableDiffusionXLImg2ImgPipeline"},
     "sd3": {"txt2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline"},
     "flux": {"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline"},
 }
 CLASS_FAMILY = {
     "StableDiffusionPipeline": "sd",
+    "StableDiffusionControlNetPipeline": "sd",
+    "StableDiffusionAdapterPipeline": "sd",
+    "StableDiffusionXLControlNetPipeline": "sdxl",
+    "StableDiffusionXLAdapterPipeline": "sdxl",
     "StableDiffusionInstructPix2PixPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl-refiner",
@@ -50,6 +61,8 @@ CLASS_FAMILY = {
     "FluxPipeline": "flux",
 }
 FLOW_FAMILIES = ("sd3", "flux")
+CONTROL_KINDS = ("controlnet", "t2i-adapter")  # modules a pipeline borrows for structure control
+CONTROL_CLASSES = {"ControlNetModel": "controlnet", "T2IAdapter": "t2i-adapter"}
 
 
 class ModelError(ValueError):
@@ -61,7 +74,7 @@ class ModelSpec:
     name: str
     source: str  # hub id, folder or file
     family: str
-    kind: str = "pipeline"  # or "ip2p" (an InstructPix2Pix pipeline), "lora"
+    kind: str = "pipeline"  # or "ip2p" (an InstructPix2Pix pipeline), "lora", "controlnet", "t2i-adapter"
     description: str = ""
     defaults: dict = field(default_factory=dict, hash=False, compare=False)
     single_file: bool = False
@@ -99,6 +112,7 @@ def load_catalog(path: Path = CATALOG_PATH) -> dict[str, ModelSpec]:
                 "refiner",
                 "latent_rgb",
                 "image_guidance",
+                "preprocessor",
             )
             if k in e
         }
@@ -136,15 +150,20 @@ def family_of_folder(folder: Path) -> str:
     raise ModelError(f"{folder} holds a {cls or 'unknown'} pipeline, which the studio does not run")
 
 
-def family_of_single_file(path: Path) -> str:
-    """Guess an original-format checkpoint's family from its tensor names (header only)."""
+def tensor_names(path: Path) -> list[str]:
+    """The tensor names in a .safetensors file's header (no tensor is read)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            keys = list(f.keys())
+            return list(f.keys())
     except Exception as exc:
         raise ModelError(f"{path.name} is not a readable .safetensors file ({exc})") from None
+
+
+def family_of_single_file(path: Path) -> str:
+    """Guess an original-format checkpoint's family from its tensor names (header only)."""
+    keys = tensor_names(path)
     if any(k.startswith("conditioner.embedders.1") for k in keys):
         return "sdxl"
     if any("joint_blocks." in k for k in keys):
@@ -366,13 +385,16 @@ class ModelManager:
         *,
         loras: tuple[LoraRef, ...] = (),
         attn_processors: dict | object | None = None,
+        controls: tuple[str, ...] = (),
     ) -> Iterator[object]:
         """A pipeline for `task` on model `name`, held on the lane for the block.
 
         The lent pipeline shares modules with the cached base (`from_pipe`), so the caller
         may set its scheduler freely; LoRAs and attention processors it asks for are
         applied to the shared modules and removed again when the block ends (`attn_processors`
-        is a name → processor dict, or one processor for every layer).
+        is a name → processor dict, or one processor for every layer). For the tasks
+        "controlnet" and "t2i-adapter", `controls` names the ControlNets or T2I-Adapters the
+        pipeline borrows (several: diffusers' Multi* wrapper), each cached like a model.
         """
         with self.lane:
             base = self.base(name)
@@ -380,7 +402,8 @@ class ModelManager:
             family = spec.family if spec.family != "unknown" else family_of_pipe(base)
             cls = self._pipeline_class(family, task)
             _check_task(spec, base, task)
-            pipe = base if type(base) is cls else cls.from_pipe(base)
+            extra = self._control_components(task, controls, family, spec.name)
+            pipe = base if type(base) is cls and not extra else cls.from_pipe(base, **extra)
             pipe.set_progress_bar_config(disable=True)
             denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
             saved_processors = dict(denoiser.attn_processors) if attn_processors is not None else None
@@ -395,6 +418,93 @@ class ModelManager:
                     pipe.unload_lora_weights()
                 if saved_processors is not None:
                     denoiser.set_attn_processor(saved_processors)
+
+    # ------------------------------------------------------------------ ControlNets and T2I-Adapters
+
+    def resolve_control(self, name: str) -> ModelSpec:
+        """A ControlNet or T2I-Adapter: a catalog name, a folder, a single .safetensors file or a hub id."""
+        if not isinstance(name, str) or not name.strip():
+            raise ModelError("no ControlNet given")
+        name = name.strip()
+        if name in self.catalog:
+            spec = self.catalog[name]
+            if spec.kind not in CONTROL_KINDS:
+                raise ModelError(f"{name} is a {spec.kind}, not a ControlNet or T2I-Adapter")
+            return spec
+        refuse_pickle(name)
+        path = Path(name).expanduser()
+        if path.is_dir():
+            kind, family = control_of_folder(path)
+            return ModelSpec(str(path), str(path), family, kind)
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise ModelError(f"{path.name} is not a .safetensors file")
+            return ModelSpec(
+                str(path), str(path), family_of_control_file(path), "controlnet", single_file=True
+            )
+        if _looks_like_hub_id(name):
+            kind = "t2i-adapter" if "adapter" in name.lower() else "controlnet"
+            return ModelSpec(name, name, "unknown", kind)
+        raise ModelError(
+            f"unknown ControlNet {name!r}: not in the catalog "
+            f"({', '.join(s.name for s in self.catalog.values() if s.kind in CONTROL_KINDS)}), "
+            "not a folder or .safetensors file, and not a hub id like org/name"
+        )
+
+    def control(self, name: str):
+        """The cached ControlNetModel / T2IAdapter `name`, loaded on first use. Caller holds the lane."""
+        spec = self.resolve_control(name)
+        key = f"{spec.kind}:{spec.source}"
+        with self.lane:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key], spec
+            import diffusers
+
+            cls = diffusers.ControlNetModel if spec.kind == "controlnet" else diffusers.T2IAdapter
+            dtype = self.dtype_for("sd")
+            try:
+                if spec.single_file:
+                    module = cls.from_single_file(spec.source, dtype=dtype)
+                else:
+                    module = cls.from_pretrained(
+                        spec.source, dtype=dtype, use_safetensors=True, local_files_only=spec.local
+                    )
+            except (OSError, ValueError) as exc:
+                raise ModelError(_load_failure(spec, exc)) from None
+            size = sum(t.numel() * t.element_size() for t in module.parameters())
+            self._make_room(size)
+            module.to(self.device)
+            self._cache[key] = module
+            self._sizes[key] = size
+            return module, spec
+
+    def _control_components(self, task: str, controls: tuple[str, ...], family: str, model: str) -> dict:
+        """The `controlnet=` / `adapter=` argument of a control pipeline, families checked."""
+        if task not in CONTROL_KINDS:
+            if controls:
+                raise ModelError(f"{task} takes no ControlNets")
+            return {}
+        if not controls:
+            raise ModelError(f"{task} needs at least one {task}")
+        import diffusers
+
+        modules = []
+        for name in controls:
+            module, spec = self.control(name)
+            kind, own = control_of_config(module.config, type(module).__name__)
+            if kind != task:
+                raise ModelError(f"{spec.name} is a {kind}; this run uses {task}s: don't mix the two")
+            if own != family:
+                raise ModelError(
+                    f"{kind} {spec.name} is for {FAMILY_NAMES[own]} models, but {model} is {FAMILY_NAMES[family]}"
+                )
+            modules.append(module)
+        if task == "controlnet":
+            return {
+                "controlnet": modules[0] if len(modules) == 1 else diffusers.MultiControlNetModel(modules)
+            }
+        return {"adapter": modules[0] if len(modules) == 1 else diffusers.MultiAdapter(modules)}
 
     def _apply_loras(self, pipe, family: str, loras: tuple[LoraRef, ...]) -> None:
         names, weights = [], []
@@ -453,6 +563,42 @@ def _check_task(spec: ModelSpec, pipe, task: str) -> None:
         )
     if task != "ip2p" and channels == 8:
         raise ModelError(f"{spec.name} is an InstructPix2Pix model: use it for instruction editing (ip2p)")
+
+
+FAMILY_NAMES = {
+    "sd": "SD 1.x / 2.x",
+    "sdxl": "SDXL",
+    "sd3": "SD3",
+    "flux": "FLUX",
+    "sdxl-refiner": "SDXL refiner",
+}
+
+
+def control_of_config(config, class_name: str) -> tuple[str, str]:
+    """(kind, family) of a ControlNet / T2I-Adapter from its config: SDXL ones take SDXL's
+    added time embedding (ControlNet) or are the XL adapter."""
+    kind = CONTROL_CLASSES.get(class_name)
+    if kind is None:
+        raise ModelError(f"{class_name} is not a ControlNet or T2I-Adapter the studio runs")
+    if kind == "controlnet":
+        return kind, "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+    return kind, "sdxl" if config.get("adapter_type") == "full_adapter_xl" else "sd"
+
+
+def control_of_folder(folder: Path) -> tuple[str, str]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{folder} is not a ControlNet or T2I-Adapter folder (it has no config.json)")
+    config = json.loads(path.read_text())
+    return control_of_config(config, config.get("_class_name", ""))
+
+
+def family_of_control_file(path: Path) -> str:
+    """An original-format ControlNet checkpoint's family from its tensor names (header only)."""
+    keys = tensor_names(path)
+    if not any("input_hint_block" in k or "controlnet_cond_embedding" in k for k in keys):
+        raise ModelError(f"{path.name} is not a ControlNet checkpoint")
+    return "sdxl" if any("label_emb" in k or "add_embedding" in k for k in keys) else "sd"
 
 
 def family_of_pipe(pipe) -> str:

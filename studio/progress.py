@@ -36,6 +36,18 @@ def step_callback(on_step, total: int, batch: int = 0, batches: int = 1):
     return callback
 
 
+def legacy_step_callback(on_step, total: int, batch: int = 0, batches: int = 1):
+    """`step_callback` for pipelines that still take the old `callback(step, timestep, latents)`
+    (the T2I-Adapter ones): the same reports, the same way to cancel."""
+    if on_step is None:
+        return None
+
+    def callback(i, _t, latents):
+        on_step(StepInfo(i + 1, total, batch, batches, latents))
+
+    return callback
+
+
 class CancelToken:
     """Set by a Stop button or a signal; checked at every step."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .controlnet import ControlNetSettings
+from .evaluate import EvaluationSettings
 from .ip2p import InstructPix2PixSettings
 from .p2p import PromptToPromptSettings
 from .sdedit import SDEditSettings
@@ -10,7 +12,14 @@ from .txt2img import Txt2ImgSettings
 
 SETTINGS_TYPES: dict[str, type[Settings]] = {
     cls.technique: cls
-    for cls in (Txt2ImgSettings, SDEditSettings, InstructPix2PixSettings, PromptToPromptSettings)
+    for cls in (
+        Txt2ImgSettings,
+        SDEditSettings,
+        InstructPix2PixSettings,
+        PromptToPromptSettings,
+        ControlNetSettings,
+        EvaluationSettings,
+    )
 }
 
 

@@ -28,7 +28,13 @@ from .progress import StepInfo, step_callback
 from .result import Result
 from .schedulers import check_scheduler, make_scheduler
 from .settings import SettingsError, check_float, check_int
-from .txt2img import Txt2ImgSettings, _prompt_kwargs, check_family_options, model_defaults, sampling_defaults
+from .txt2img import (
+    Txt2ImgSettings,
+    check_family_options,
+    model_defaults,
+    prompt_arguments,
+    sampling_defaults,
+)
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ def run(
             result.notes.append(f"{k} of {s.steps} steps run (strength {s.strength:g})")
         # 5. Sample from the noised input (or from noise) and decode.
         output = pipe(
-            **_prompt_kwargs(pipe, family, s),
+            **prompt_arguments(pipe, family, s),
             **image_kwargs,
             num_inference_steps=s.steps,
             guidance_scale=s.guidance,

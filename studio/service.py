@@ -7,11 +7,12 @@ Nothing is opened or probed until first used.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ip2p, p2p, sdedit, txt2img
+from . import controlnet, evaluate, ip2p, p2p, sdedit, txt2img
 from .gallery import Gallery, GalleryError, GalleryItem
 from .images import open_image
 from .models import ModelManager
@@ -107,6 +108,59 @@ class Studio:
             result.images[1], s, result.family, per_image, prompt=s.edited_prompt, parent_id=source.id
         )
         return result, [source, edited]
+
+    def controlnet(
+        self, settings: controlnet.ControlNetSettings, inputs=None, *, on_step=None, store: bool = True
+    ):
+        """Generate following each unit's map. `inputs[i]` is unit i's picture (a path, bytes, a
+        file or PIL; None: the stored map `units[i].map_id`). Maps not yet in the gallery are
+        stored (technique "control map") and become the results' parents; the settings
+        recorded with each result name them, so that restoring remakes the image."""
+        # 1. Each unit's picture: the upload, or its stored map (an identical upload keeps the id).
+        inputs = list(inputs or [None] * len(settings.units))
+        if len(inputs) != len(settings.units):
+            raise SettingsError(f"{len(settings.units)} control units but {len(inputs)} images")
+        pictures, units = [], []
+        for unit, given in zip(settings.units, inputs, strict=True):
+            stored = self._source_item(unit.map_id) if unit.map_id is not None else None
+            if given is None and stored is None:
+                raise SettingsError("a control unit has no image: upload one or pick a stored map")
+            picture = open_image(given if given is not None else stored.image_path)
+            if stored is not None and given is not None and not _same_pixels(picture, stored.image_path):
+                unit = dataclasses.replace(unit, map_id=None)  # a new picture, not the stored map
+            pictures.append(picture)
+            units.append(unit)
+        # 2. Run first: a refused or cancelled run stores nothing.
+        result = controlnet.run(settings.replace(units=tuple(units)), pictures, self.models, on_step=on_step)
+        if not store:
+            return result, []
+        # 3. Store the new maps, then the images as the first map's children.
+        for i, unit in enumerate(units):
+            if unit.map_id is None:
+                item = self.gallery.add(
+                    result.figures[f"control map {i + 1}"],
+                    technique="control map",
+                    model=unit.model,
+                    prompt=f"{unit.preprocessor} map",
+                    settings={},
+                )
+                units[i] = dataclasses.replace(unit, map_id=item.id)
+        result.settings = result.settings.replace(units=tuple(units))
+        return result, self.store(result, parent_id=units[0].map_id)
+
+    def evaluate(self, settings: evaluate.EvaluationSettings, *, on_progress=None, store: bool = True):
+        """Generate and score; stores the figures (technique "evaluation") and the numbers."""
+        report = evaluate.run(settings, self.models, on_progress=on_progress)
+        if not store:
+            return report, None
+        figure_ids = [
+            self.gallery.add(
+                picture, technique="evaluation", model=", ".join(settings.models), prompt=name, settings={}
+            ).id
+            for name, picture in report.figures.items()
+        ]
+        record = self.gallery.add_evaluation(settings.to_dict(), report.results(), figure_ids, report.seconds)
+        return report, record
 
     def _edit(self, run, settings, image, *, on_step, store: bool):
         # 1. The input: an upload, or a gallery item; an upload is stored first (as the parent).

@@ -143,16 +143,16 @@ def run(
     started = time.perf_counter()
     with models.lend(s.model, "txt2img", loras=s.loras) as pipe:
         # Models outside the catalog default to the size their denoiser was trained at.
-        native = _native_size(pipe)
+        native = native_size(pipe)
         s = s.replace(width=s.width or native, height=s.height or native)
         result = Result(settings=s)
         family = result.family = family if family != "unknown" else family_of_pipe(pipe)
         # 2. The sampler, built from the model's own scheduler config.
         pipe.scheduler = make_scheduler(s.scheduler, family, pipe.scheduler.config, shift=s.shift)
         # 3. Prompt embeddings: compel's weighting syntax for the SD families, else plain text.
-        prompt_kwargs = _prompt_kwargs(pipe, family, s)
+        prompt_kwargs = prompt_arguments(pipe, family, s)
         # 4. Family-specific call arguments.
-        call_kwargs = _family_kwargs(family, s)
+        call_kwargs = family_arguments(family, s)
         for batch in range(s.batch_count):
             # 5. One generator per image, seeded seed + index, on the CPU (reproducible anywhere).
             seeds = [s.seed + batch * s.batch_size + i for i in range(s.batch_size)]
@@ -180,13 +180,13 @@ def run(
     return result
 
 
-def _native_size(pipe) -> int:
+def native_size(pipe) -> int:
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     sample = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
     return int(sample * pipe.vae_scale_factor)
 
 
-def _prompt_kwargs(pipe, family: str, s: Txt2ImgSettings) -> dict:
+def prompt_arguments(pipe, family: str, s: Txt2ImgSettings) -> dict:
     if family in ("sd", "sdxl") and (
         WEIGHTING_SYNTAX.search(s.prompt) or WEIGHTING_SYNTAX.search(s.negative_prompt)
     ):
@@ -220,7 +220,7 @@ def _compel_embeddings(pipe, family: str, s: Txt2ImgSettings) -> dict:
     }
 
 
-def _family_kwargs(family: str, s: Txt2ImgSettings) -> dict:
+def family_arguments(family: str, s: Txt2ImgSettings) -> dict:
     kwargs: dict = {}
     if family == "sdxl":
         if s.original_size:

@@ -20,6 +20,7 @@ def launch_options(studio, **overrides) -> dict:
             str(REPO_ROOT / "assets"),
             str(REPO_ROOT / "studio"),
             str(REPO_ROOT / "runs"),
+            str(REPO_ROOT / "models"),  # annotator weights
         ],
         max_file_size="20mb",
     )

@@ -60,6 +60,20 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_controlnet(tmp_path_factory, tiny_sd) -> Path:
+    from tiny_models import build_tiny_controlnet
+
+    return build_tiny_controlnet(tmp_path_factory.mktemp("models") / "tiny-controlnet", tiny_sd)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_adapter
+
+    return build_tiny_adapter(tmp_path_factory.mktemp("models") / "tiny-adapter")
+
+
 @contextlib.contextmanager
 def denoiser_batches(manager, model):
     """The batch size of every denoiser forward on the cached pipeline of `model` in the block."""

@@ -125,9 +125,10 @@ def test_migration_to_head_and_reopen_is_idempotent(tmp_path):
     engine.dispose()
     con = sqlite3.connect(db)
     try:
-        assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
         names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
         assert {
+            "evaluations",
             "images",
             "image_tags",
             "images_fts",
@@ -637,3 +638,29 @@ def test_import_hostile_files_store_nothing(gallery, tmp_path, make):
 def test_import_missing_file(gallery, tmp_path):
     with pytest.raises(ImageRejected):
         gallery.import_png(tmp_path / "nope.png")
+
+
+def test_a_gallery_of_the_first_schema_upgrades_and_keeps_its_images(tmp_path):
+    """A database of revision 0001 (before evaluations) opens, gains the table, loses nothing."""
+    from alembic import command
+    from alembic.config import Config
+
+    db = tmp_path / "g.db"
+    g = Gallery(db, tmp_path / "images").open()
+    item = add(g, "kept across the upgrade")
+    g.close()
+    engine = gallery_mod._make_engine(db)
+    config = Config()
+    config.set_main_option("script_location", str(gallery_mod.MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0001")
+    engine.dispose()
+    con = sqlite3.connect(db)
+    assert "evaluations" not in {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    con.close()
+    g = Gallery(db, tmp_path / "images").open()
+    assert g.get(item.id) == item
+    run = g.add_evaluation({"technique": "evaluate"}, {"fid": 1.5}, [item.id], 2.0)
+    assert g.evaluations() == [run]
+    g.close()

@@ -245,7 +245,7 @@ def test_studio_stores_the_source_and_its_edited_child(studio):
     assert source.technique == edited.technique == "p2p"
     assert settings_from_dict(edited.settings) == result.settings
     infotext = read_png(edited.image_path).infotext
-    assert infotext.startswith(s.edit_prompt) and "Prompt-to-Prompt: \"replace from" in infotext
+    assert infotext.startswith(s.edit_prompt) and 'Prompt-to-Prompt: "replace from' in infotext
 
 
 @needs_toy_sd

@@ -1,4 +1,4 @@
-"""Smoke tests of the toy-model training stages (clip, vae, sd, ip2p, sd3).
+"""Smoke tests of the toy-model training stages (clip, vae, sd, ip2p, sd3, controlnet).
 
 For each stage, with its own model builder and loss on one fixed tiny batch: a few
 optimizer steps lower the loss (overfitting a fixed batch must), and a checkpoint saved
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from studio.toyworld.train import clip, common, ip2p, sd, sd3, vae
+from studio.toyworld.train import clip, common, controlnet, ip2p, sd, sd3, vae
 
-STAGES = ("clip", "vae", "sd", "ip2p", "sd3")
+STAGES = ("clip", "vae", "sd", "ip2p", "sd3", "controlnet")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,6 +116,8 @@ def make_run(stage: str, tokenizer, pairs, seed: int) -> Run:
             return sd.loss_on_batch(unet, text_encoder, scheduler, alphas, z0, ids, noise, t)
 
         return Run(modules, opt, common.EMA(torch.nn.ModuleDict(modules), 0.999), loss, 1.0)
+    if stage == "controlnet":
+        return make_controlnet_run(tokenizer, ids, z0, noise, g)
     assert stage == "sd3"
     from transformers import CLIPTextModelWithProjection
 
@@ -133,6 +135,32 @@ def make_run(stage: str, tokenizer, pairs, seed: int) -> Run:
         return sd3.loss_on_batch(transformer, z0, context, pooled, noise, t)
 
     return Run({"transformer": transformer}, opt, common.EMA(transformer, 0.999), loss, 1.0)
+
+
+def make_controlnet_run(tokenizer, ids, z0, noise, g) -> Run:
+    """A ControlNet on a frozen random UNet and text tower (as train_kind freezes toy-sd's)."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextModel
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(100)  # the frozen base belongs to the fixed batch, not to the run
+    text_encoder = CLIPTextModel(text_config(tokenizer)).eval().requires_grad_(False)
+    unet = sd.build_unet(text_encoder.config.hidden_size).eval().requires_grad_(False)
+    torch.random.set_rng_state(state)
+    net = controlnet.build_controlnet(unet)
+    scheduler = DDPMScheduler.from_config(sd.scheduler_config())
+    cond = (torch.rand(len(ids), 3, 64, 64, generator=g) > 0.8).float()
+    t = torch.randint(0, 1000, (len(ids),), generator=g)
+    with torch.no_grad():
+        context = text_encoder(ids).last_hidden_state
+    opt = torch.optim.AdamW(net.parameters(), lr=controlnet.LR * 5, weight_decay=0.01)
+
+    def loss():
+        return controlnet.loss_on_batch(
+            net, unet, context, scheduler.alphas_cumprod, scheduler, z0, cond, noise, t
+        )
+
+    return Run({"controlnet": net}, opt, common.EMA(net, 0.998), loss, 1.0)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -159,9 +187,7 @@ def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
         assert x.shape == y.shape and torch.allclose(x, y, rtol=0, atol=atol), k
 
 
-@pytest.mark.parametrize(
-    "stage", ["clip", "vae", "sd", "ip2p", "sd3"]
-)  # clip: a 0-dim parameter (logit_scale)
+@pytest.mark.parametrize("stage", STAGES)  # clip: a 0-dim parameter (logit_scale)
 def test_resume_restores_state_and_continues_identically(stage, tokenizer, pairs, tmp_path):
     a = make_run(stage, tokenizer, pairs, seed=0)
     torch.manual_seed(1)
@@ -255,3 +281,54 @@ def test_ip2p_widened_unet_starts_as_the_text_to_image_unet(tokenizer):
         widened = wide(torch.cat([z, cond], dim=1), t, encoder_hidden_states=context).sample
     assert wide.config.in_channels == 8
     assert torch.allclose(plain, widened, atol=1e-5)
+
+
+def test_a_fresh_controlnet_leaves_the_base_model_bit_identical_and_its_zero_convs_learn(tokenizer):
+    """Zhang et al. §3.1: every zero convolution outputs 0 at first, so the UNet's output is
+    exactly the base model's; yet their gradients are not 0, so the first step moves them."""
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(text_config(tokenizer)).eval()
+    unet = sd.build_unet(text_encoder.config.hidden_size).eval().requires_grad_(False)
+    net = controlnet.build_controlnet(unet)
+    for conv in controlnet.zero_convolutions(net):
+        assert not conv.weight.any() and not conv.bias.any()
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    cond = torch.rand(2, 3, 64, 64)
+    context = text_encoder(
+        tokenizer(["a red circle", ""], padding="max_length", return_tensors="pt").input_ids
+    )
+    context = context.last_hidden_state.detach()
+    down, mid = net(z, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
+    with torch.no_grad():
+        base = unet(z, t, encoder_hidden_states=context).sample
+    controlled = unet(
+        z,
+        t,
+        encoder_hidden_states=context,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+    ).sample
+    assert torch.equal(controlled, base)
+    target = torch.randn_like(controlled)
+    ((controlled - target) ** 2).mean().backward()
+    for conv in controlnet.zero_convolutions(net)[:-1]:  # each block's Z reads a non-zero feature
+        assert conv.weight.grad.abs().sum() > 0
+    # The condition's Z feeds the copied encoder, whose way out is still the zero convs: its
+    # gradient is 0 on this first step and flows from the second on, once they have moved.
+    assert not net.controlnet_cond_embedding.conv_out.weight.grad.any()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt.step()
+    opt.zero_grad()
+    down, mid = net(z, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
+    controlled = unet(
+        z,
+        t,
+        encoder_hidden_states=context,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+    ).sample
+    assert not torch.equal(controlled, base)
+    ((controlled - target) ** 2).mean().backward()
+    assert net.controlnet_cond_embedding.conv_out.weight.grad.abs().sum() > 0

@@ -177,3 +177,33 @@ def build_tiny_ip2p(folder: Path, sd_folder: Path) -> Path:
     pipe = StableDiffusionInstructPix2PixPipeline.from_pipe(sd, unet=unet)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_tiny_controlnet(folder: Path, base_folder: Path, *, trained: bool = True, seed: int = 2) -> Path:
+    """A ControlNet of the tiny SD (or SDXL) UNet; `trained`: zero convolutions made random,
+    so that the map changes the picture (a fresh one leaves it exactly as it was)."""
+    from diffusers import ControlNetModel, DiffusionPipeline
+
+    from studio.toyworld.train.controlnet import zero_convolutions
+
+    torch.manual_seed(seed)
+    unet = DiffusionPipeline.from_pretrained(base_folder).unet
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    if trained:
+        with torch.no_grad():
+            for conv in zero_convolutions(net):
+                conv.weight.normal_(0, 0.3)
+    net.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_adapter(folder: Path, seed: int = 3) -> Path:
+    """A T2I-Adapter for the tiny SD UNet (features of 16 and 32 channels, 8× down)."""
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(seed)
+    adapter = T2IAdapter(
+        in_channels=3, channels=[16, 32], num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter"
+    )
+    adapter.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,4 +1,4 @@
-"""Retrain the toy model family: `python -m studio.toyworld.train [all|clip|vae|sd|ip2p|sd3] [--work DIR] [--out DIR]`.
+"""Retrain the toy model family: `python -m studio.toyworld.train [all|clip|vae|sd|ip2p|sd3|controlnet] [--work DIR] [--out DIR]`.
 
 Every stage checkpoints into --work and resumes from there after an interruption; a
 finished stage's model folder in --out is kept and skipped unless --force is given.
@@ -10,13 +10,14 @@ import argparse
 import time
 from pathlib import Path
 
-STAGES = ("clip", "vae", "sd", "ip2p", "sd3")
+STAGES = ("clip", "vae", "sd", "ip2p", "sd3", "controlnet")
 FOLDERS = {
     "clip": "toy-clip",
     "vae": "toy-vae",
     "sd": "toy-sd",
     "ip2p": "toy-instruct-pix2pix",
     "sd3": "toy-sd3",
+    "controlnet": "toy-sd-controlnet-seg",  # the second of the two it trains
 }
 
 

@@ -1,0 +1,368 @@
+"""Evaluation: generate a prompt set over models × one settings axis, then score the images.
+
+Metrics (see `studio.metrics` for the formulas):
+- toy-geneval: the toy GenEval prompt set judged by the toy-world judge (Ghosh et al. 2023's
+  categories), per category and overall;
+- clip-score: 100 · max(cos, 0) between image and prompt embeddings of a CLIP model (the toy
+  CLIP offline, a real one given as `clip_model` where it is on disk);
+- fid: Fréchet distance between the generated images' features and a reference set's (a
+  folder, or for toy models 2,000 fresh toy-world renders), over that CLIP's image
+  embeddings, so labelled: not Inception's FID, whose weights the studio doesn't ship;
+- imagereward, hpsv2, pickscore: human-preference models; without them on disk each run is
+  refused with what is missing.
+Every cell (model, axis value) draws `samples` seeds per prompt, seeds seed..seed+samples-1,
+the same in every cell, in batches through the model manager's pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .models import REPO_ROOT, ModelError, ModelManager
+from .settings import Settings, SettingsError, check_float, check_int
+
+METRICS = ("toy-geneval", "clip-score", "fid", "imagereward", "hpsv2", "pickscore")
+AXES = ("guidance", "steps", "scheduler")
+PROMPT_SETS = ("toy-geneval", "general", "custom")
+GENERAL_PROMPTS = (
+    "a red circle on the left",
+    "a large blue square on a white background",
+    "a green triangle above a yellow circle",
+    "two purple squares on a black background",
+    "an astronaut riding a horse on the moon",
+    "a bowl of ramen, studio photograph",
+    "a watercolour painting of a lighthouse at dusk",
+    "a close-up portrait of an old fisherman, 85mm",
+)
+PREFERENCE_MODELS = {
+    "imagereward": "the ImageReward package and its ImageReward-v1.0 weights (pip install image-reward)",
+    "hpsv2": "the hpsv2 package and its HPS_v2 compressed checkpoint (pip install hpsv2)",
+    "pickscore": "yuvalkirstain/PickScore_v1 and laion/CLIP-ViT-H-14-laion2B-s32B-b79K in the Hugging Face cache",
+}
+BATCH = 32
+REFERENCE_RENDERS = 2000
+
+
+@dataclass(frozen=True)
+class EvaluationSettings(Settings):
+    technique = "evaluate"
+    schema_version = 1
+
+    metrics: tuple[str, ...] = ("toy-geneval", "clip-score")
+    models: tuple[str, ...] = ("toy-sd",)
+    prompt_set: str = "toy-geneval"
+    prompts: tuple[str, ...] = ()  # the custom set (a file's lines)
+    axis: str = "guidance"
+    values: tuple[str, ...] = ("4",)
+    samples: int = 1  # seeds per prompt
+    seed: int = 0
+    steps: int | None = None  # the settings not on the axis: None, each model's default
+    guidance: float | None = None
+    scheduler: str | None = None
+    per_category: int = 12  # toy GenEval prompts per category
+    clip_model: str = str(REPO_ROOT / "assets" / "models" / "toy-clip")
+    reference: str | None = None  # a folder of reference images for FID
+
+    def __post_init__(self):
+        if not self.metrics:
+            raise SettingsError("choose at least one metric")
+        for metric in self.metrics:
+            if metric not in METRICS:
+                raise SettingsError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        if not self.models or not all(isinstance(m, str) and m.strip() for m in self.models):
+            raise SettingsError("choose at least one model")
+        if self.prompt_set not in PROMPT_SETS:
+            raise SettingsError(
+                f"prompt set must be one of {', '.join(PROMPT_SETS)}, not {self.prompt_set!r}"
+            )
+        if self.prompt_set == "custom" and not self.prompts:
+            raise SettingsError("the custom prompt set is empty: give a file with one prompt a line")
+        if "toy-geneval" in self.metrics and self.prompt_set != "toy-geneval":
+            raise SettingsError("toy-geneval scores its own prompt set: choose the toy-geneval prompts")
+        if self.axis not in AXES:
+            raise SettingsError(f"the grid axis must be one of {', '.join(AXES)}, not {self.axis!r}")
+        if not self.values:
+            raise SettingsError(f"give at least one {self.axis} value")
+        for value in self.values:
+            axis_value(self.axis, value)
+        check_int("samples", self.samples, 1, 64)
+        check_int("seed", self.seed, 0, 2**32 - 1)
+        check_int("steps", self.steps, 1, 150)
+        check_float("guidance", self.guidance, 0.0, 30.0)
+        check_int("prompts per category", self.per_category, 1, 100)
+        if len(self.prompts) > 10_000:
+            raise SettingsError(f"at most 10000 prompts, not {len(self.prompts)}")
+
+    @property
+    def prompt(self) -> str:
+        return f"evaluation of {', '.join(self.models)}"
+
+
+def axis_value(axis: str, text: str):
+    """A grid value as the type its setting takes."""
+    try:
+        if axis == "guidance":
+            value = float(text)
+            check_float("guidance", value, 0.0, 30.0)
+            return value
+        if axis == "steps":
+            value = int(text)
+            check_int("steps", value, 1, 150)
+            return value
+    except ValueError:
+        raise SettingsError(f"{axis} value {text!r} is not a number") from None
+    return text  # a scheduler name, checked when the model is known
+
+
+@dataclass
+class Cell:
+    model: str
+    value: str
+    scores: dict = field(default_factory=dict)  # metric -> number
+    per_category: dict = field(default_factory=dict)  # toy GenEval categories
+    images: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class EvaluationReport:
+    settings: EvaluationSettings
+    cells: list[Cell]
+    notes: list[str]
+    seconds: float
+    figures: dict = field(default_factory=dict)
+
+    def results(self) -> dict:
+        """One key per metric: a number for a single cell, else {model: {value: number}}."""
+        out: dict = {}
+        for metric in self.settings.metrics:
+            if len(self.cells) == 1:
+                out[metric] = self.cells[0].scores[metric]
+            else:
+                out[metric] = {}
+                for cell in self.cells:
+                    out[metric].setdefault(cell.model, {})[cell.value] = cell.scores[metric]
+        if "toy-geneval" in self.settings.metrics:
+            out["toy-geneval per category"] = {f"{c.model} @ {c.value}": c.per_category for c in self.cells}
+        out["samples per cell"] = len(self.cells[0].images) if self.cells else 0
+        return out
+
+
+def prompt_list(s: EvaluationSettings) -> list[tuple[str, str]]:
+    """(category, prompt) pairs; the category is "" outside toy GenEval."""
+    from .toyworld.geneval import prompt_set
+
+    if s.prompt_set == "toy-geneval":
+        return prompt_set(s.per_category)
+    prompts = GENERAL_PROMPTS if s.prompt_set == "general" else s.prompts
+    return [("", p) for p in prompts]
+
+
+def check_metrics_available(s: EvaluationSettings) -> None:
+    for metric in s.metrics:
+        if metric in PREFERENCE_MODELS:
+            raise ModelError(f"{metric} needs {PREFERENCE_MODELS[metric]}; none is on this machine")
+    if "fid" in s.metrics and s.reference is not None and not Path(s.reference).is_dir():
+        raise SettingsError(f"the FID reference folder {s.reference} does not exist")
+
+
+def generate(models: ModelManager, model: str, axis: str, value, jobs, s: EvaluationSettings, on_batch):
+    """The images of `jobs` ((prompt, seed) pairs) on one cell's settings, in batches."""
+    import torch
+
+    from .schedulers import make_scheduler
+    from .txt2img import model_defaults
+
+    spec = models.resolve(model)
+    d = model_defaults(spec)
+    steps = value if axis == "steps" else s.steps or d["steps"]
+    guidance = value if axis == "guidance" else (s.guidance if s.guidance is not None else d["guidance"])
+    scheduler = value if axis == "scheduler" else s.scheduler or d["scheduler"]
+    images = []
+    for start in range(0, len(jobs), BATCH):
+        chunk = jobs[start : start + BATCH]
+        with models.lend(model) as pipe:
+            pipe.scheduler = make_scheduler(scheduler, spec.family, pipe.scheduler.config)
+            size = {"width": d["width"], "height": d["height"]} if d["width"] else {}
+            images += pipe(
+                [p for p, _ in chunk],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in chunk],
+                **size,
+            ).images
+        on_batch(len(chunk))
+    return images
+
+
+def reference_images(s: EvaluationSettings, n: int = REFERENCE_RENDERS) -> tuple[list, str]:
+    """The FID reference: the folder's pictures, or fresh toy-world renders."""
+    import random
+
+    from .images import open_image
+
+    if s.reference:
+        files = sorted(
+            p for p in Path(s.reference).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+        )
+        if len(files) < 2:
+            raise SettingsError(f"the FID reference folder {s.reference} has fewer than two pictures")
+        return [open_image(p) for p in files], f"{len(files)} pictures in {s.reference}"
+    from .toyworld.captions import sample_pair
+    from .toyworld.render import render
+
+    rng = random.Random(31337)
+    return [render(sample_pair(rng)[1]) for _ in range(n)], f"{n} toy-world renders"
+
+
+_REFERENCE_CACHE: dict = {}
+
+
+def reference_features(s: EvaluationSettings, clip):
+    """The reference set's features, computed once a process per CLIP model and reference
+    (a folder counts as changed when any file's name, size or time changes)."""
+    files = ()
+    if s.reference and Path(s.reference).is_dir():
+        files = tuple(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(s.reference).iterdir())
+        )
+    key = (s.clip_model, s.reference, files)
+    if key not in _REFERENCE_CACHE:
+        pictures, described = reference_images(s)
+        _REFERENCE_CACHE[key] = (clip.image_features(pictures), described)
+    return _REFERENCE_CACHE[key]
+
+
+def run(
+    settings: EvaluationSettings,
+    models: ModelManager,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EvaluationReport:
+    """Generate every cell, then score it; `on_progress(done, total)` may raise Cancelled."""
+    from .metrics import ClipEmbedder, clip_score, fid
+    from .toyworld.judge import satisfies
+
+    # 1. Refuse what can't run before generating anything.
+    s = settings
+    check_metrics_available(s)
+    pairs = prompt_list(s)
+    jobs = [(p, s.seed + k) for _, p in pairs for k in range(s.samples)]
+    categories = [c for c, _ in pairs for _ in range(s.samples)]
+    grid = [(m, v) for m in s.models for v in s.values]
+    total, done = len(jobs) * len(grid), 0
+    started = time.perf_counter()
+    notes = []
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress is not None:
+            on_progress(done, total)
+
+    # 2. The CLIP embedder and the FID reference features, once.
+    clip = ClipEmbedder(s.clip_model) if {"clip-score", "fid"} & set(s.metrics) else None
+    text_features = clip.text_features([p for p, _ in jobs]) if clip and "clip-score" in s.metrics else None
+    reference = None
+    if "fid" in s.metrics:
+        reference, described = reference_features(s, clip)
+        notes.append(f"FID over {clip.space}, against {described}; not Inception-V3's FID")
+
+    # 3. Each cell: generate, then score.
+    cells = []
+    for model, text in grid:
+        cell_started = time.perf_counter()
+        images = generate(models, model, s.axis, axis_value(s.axis, text), jobs, s, advance)
+        cell = Cell(model, text, images=images)
+        if "toy-geneval" in s.metrics:
+            from .toyworld.geneval import CATEGORIES, HELD_OUT
+
+            oks = [satisfies(image, p) for image, (p, _) in zip(images, jobs, strict=True)]
+            for category in CATEGORIES + (HELD_OUT,):
+                hits = [ok for ok, c in zip(oks, categories, strict=True) if c == category]
+                cell.per_category[category] = round(sum(hits) / len(hits), 4)
+            cell.scores["toy-geneval"] = round(
+                sum(cell.per_category[c] for c in CATEGORIES) / len(CATEGORIES), 4
+            )
+        if clip is not None:
+            features = clip.image_features(images)
+            if "clip-score" in s.metrics:
+                cell.scores["clip-score"] = round(clip_score(features, text_features), 4)
+            if "fid" in s.metrics:
+                result = fid(features, reference, clip.space)
+                cell.scores["fid"] = round(result.value, 4)
+                if result.warning and result.warning not in notes:
+                    notes.append(result.warning)
+        cell.seconds = round(time.perf_counter() - cell_started, 1)
+        cells.append(cell)
+    report = EvaluationReport(s, cells, notes, round(time.perf_counter() - started, 1))
+    report.figures = figures(report)
+    return report
+
+
+def score_pictures(s: EvaluationSettings, pictures: list, prompts: list[str]) -> EvaluationReport:
+    """Score existing pictures (no generation): one cell named "pictures"; toy-geneval is then
+    the share the judge finds satisfying their own prompts."""
+    from .metrics import ClipEmbedder, clip_score, fid
+    from .toyworld.judge import satisfies
+
+    check_metrics_available(s)
+    started = time.perf_counter()
+    cell, notes = Cell("pictures", "-", images=pictures), []
+    if "toy-geneval" in s.metrics or "clip-score" in s.metrics:
+        missing = [i for i, p in enumerate(prompts) if not p]
+        if missing:
+            raise SettingsError(
+                f"{len(missing)} pictures carry no prompt (PNG metadata); scoring them needs one"
+            )
+    if "toy-geneval" in s.metrics:
+        cell.scores["toy-geneval"] = round(
+            sum(satisfies(im, p) for im, p in zip(pictures, prompts, strict=True)) / len(pictures), 4
+        )
+        notes.append("toy-geneval on given pictures: the share the judge finds satisfying their own prompts")
+    if {"clip-score", "fid"} & set(s.metrics):
+        clip = ClipEmbedder(s.clip_model)
+        features = clip.image_features(pictures)
+        if "clip-score" in s.metrics:
+            cell.scores["clip-score"] = round(clip_score(features, clip.text_features(prompts)), 4)
+        if "fid" in s.metrics:
+            reference, described = reference_features(s, clip)
+            result = fid(features, reference, clip.space)
+            cell.scores["fid"] = round(result.value, 4)
+            notes += [f"FID over {clip.space}, against {described}; not Inception-V3's FID"] + (
+                [result.warning] if result.warning else []
+            )
+    report = EvaluationReport(
+        s.replace(models=("pictures",), values=("-",)), [cell], notes, round(time.perf_counter() - started, 1)
+    )
+    report.figures = {"grid": figures(report)["grid"]}
+    return report
+
+
+def figures(report: EvaluationReport) -> dict:
+    """An X/Y image grid (models down, axis values across, the first prompts' images), a line
+    chart per metric against the axis, and toy GenEval's per-category bars."""
+    from .charts import bar_chart, image_grid, line_chart
+
+    s = report.settings
+    out = {"grid": image_grid(report.cells, s.models, s.values)}
+    numeric = s.axis != "scheduler"
+    for metric in s.metrics:
+        series = {
+            model: [
+                (float(c.value) if numeric else i, c.scores[metric])
+                for i, c in enumerate(report.cells)
+                if c.model == model
+            ]
+            for model in s.models
+        }
+        out[f"{metric} against {s.axis}"] = line_chart(series, s.axis, metric)
+    if "toy-geneval" in s.metrics:
+        out["toy GenEval per category"] = bar_chart(
+            {f"{c.model} @ {c.value}": c.per_category for c in report.cells},
+            "share of samples the judge accepts",
+        )
+    return out

@@ -1,0 +1,140 @@
+"""Evaluation: generate over a grid, score, store; the CLI's results.json; refusals and cancel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from studio.evaluate import EvaluationSettings
+from studio.models import ModelError
+from studio.progress import Cancelled
+from studio.registry import settings_from_dict
+from studio.settings import SettingsError
+
+PROMPTS = ("a red circle on the left", "a blue square")
+
+
+def tiny_settings(tiny_sd, **changes) -> EvaluationSettings:
+    base = dict(
+        metrics=("clip-score", "fid"),
+        models=(str(tiny_sd),),
+        prompt_set="custom",
+        prompts=PROMPTS,
+        values=("1", "5"),
+        samples=2,
+        steps=2,
+    )
+    base.update(changes)
+    return EvaluationSettings(**base)
+
+
+def test_a_grid_is_generated_scored_and_stored(studio, tiny_sd):
+    seen = []
+    report, record = studio.evaluate(
+        tiny_settings(tiny_sd), on_progress=lambda done, total: seen.append((done, total))
+    )
+    assert seen[-1] == (8, 8)  # 2 prompts × 2 seeds × 2 guidance values
+    assert [(c.model, c.value, len(c.images)) for c in report.cells] == [
+        (str(tiny_sd), "1", 4),
+        (str(tiny_sd), "5", 4),
+    ]
+    results = report.results()
+    assert set(results["fid"][str(tiny_sd)]) == {"1", "5"}
+    assert all(0 <= v <= 100 for v in results["clip-score"][str(tiny_sd)].values())
+    assert any("not Inception-V3's FID" in n for n in report.notes)
+    assert any("biased upward at small N" in n for n in report.notes)
+    stored = studio.gallery.evaluations()
+    assert stored == [record] and record.results == results
+    assert settings_from_dict(record.settings) == report.settings
+    figures = [studio.gallery.get(i) for i in record.figure_ids]
+    assert {f.prompt for f in figures} == {"grid", "clip-score against guidance", "fid against guidance"}
+
+
+def test_the_same_seeds_give_the_same_numbers(manager, tiny_sd):
+    from studio.evaluate import run
+
+    a = run(tiny_settings(tiny_sd, values=("3",)), manager).results()
+    b = run(tiny_settings(tiny_sd, values=("3",)), manager).results()
+    assert a == b
+
+
+def test_cancel_stores_nothing(studio, tiny_sd):
+    def stop(done, total):
+        raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        studio.evaluate(tiny_settings(tiny_sd), on_progress=stop)
+    assert studio.gallery.evaluations() == [] and studio.gallery.count() == 0
+
+
+@pytest.mark.parametrize(
+    "changes, error, message",
+    [
+        (dict(metrics=("pickscore",)), ModelError, "PickScore_v1"),
+        (dict(metrics=("toy-geneval",)), SettingsError, "toy-geneval scores its own prompt set"),
+        (dict(values=("hot",)), SettingsError, "guidance value 'hot' is not a number"),
+        (dict(metrics=("lpips",)), SettingsError, "unknown metric 'lpips'"),
+        (dict(axis="colour"), SettingsError, "grid axis must be one of"),
+    ],
+)
+def test_refusals_say_why(studio, tiny_sd, changes, error, message):
+    with pytest.raises(error, match=message):
+        studio.evaluate(tiny_settings(tiny_sd, **changes))
+    assert studio.gallery.count() == 0
+
+
+def test_cli_writes_results_json_and_plots(tmp_path, tiny_sd):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "studio",
+            "evaluate",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--metric",
+            "clip-score",
+            "--model",
+            str(tiny_sd),
+            "--prompts",
+            str(prompts),
+            "--grid",
+            "steps=1,2",
+            "--out-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["clip-score"][str(tiny_sd)]) == {"1", "2"}
+    assert (out / "grid.png").exists() and (out / "clip-score_against_steps.png").exists()
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "studio",
+            "evaluate",
+            "--metric",
+            "hpsv2",
+            "--model",
+            "toy-sd",
+            "--out-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: hpsv2 needs")
