@@ -16,6 +16,7 @@ from studio.models import ModelManager
 from studio.presets import decode_link
 from studio.service import Paths, Studio
 from studio.settings import SettingsError
+from tabs import controlnet as controlnet_tab
 from tabs import editing as editing_tab
 from tabs import gallery as gallery_tab
 from tabs import p2p as p2p_tab
@@ -39,8 +40,12 @@ def build_app(studio: Studio) -> gr.Blocks:
                 editing_tab.build(studio, bus)
             with gr.Tab("Prompt-to-Prompt", id="p2p"):
                 p2p_tab.build(studio, bus)
+            with gr.Tab("ControlNet", id="controlnet"):
+                controlnet_tab.build(studio, bus)
             with gr.Tab("Gallery", id="gallery") as gallery:
-                gallery_ui = gallery_tab.build(studio, bus, send_targets=[("editing", "editing")])
+                gallery_ui = gallery_tab.build(
+                    studio, bus, send_targets=[("editing", "editing"), ("ControlNet", "controlnet")]
+                )
 
         def route(message):
             target = (message or {}).get("target")

@@ -93,32 +93,47 @@ class ControlNetSettings(Txt2ImgSettings):
 
 
 def control_maps(s: ControlNetSettings, inputs: list, size: tuple[int, int]) -> tuple[list, list[str]]:
-    """Each unit's map at `size`: its input preprocessed (fitted to `size` first), or, with
-    preprocessor none or a stored map, the input itself, which must already be that size."""
+    """Each unit's map at `size` (see `unit_map`), and notes on what was fitted."""
     maps, notes = [], []
     for i, (unit, image) in enumerate(zip(s.units, inputs, strict=True), 1):
         if image is None:
             raise SettingsError(f"control unit {i} has no image: upload one or pick a stored map")
-        image = image.convert("RGB")
-        if unit.preprocessor == "none" or unit.map_id is not None:
-            if image.size != size:
-                raise SettingsError(
-                    f"control map {i} is {image.width}×{image.height}, but the picture is {size[0]}×{size[1]}: "
-                    "give a map of that size, or pick a preprocessor (it fits its input)"
-                )
-            maps.append(image)
-            continue
-        if image.size != size:
-            notes.append(
-                f"unit {i}: input {image.width}×{image.height} fitted to {size[0]}×{size[1]} (centre crop, resize)"
-            )
-            image = ImageOps.fit(image, size, Image.Resampling.LANCZOS)
-        maps.append(
-            preprocessors.preprocess(
-                unit.preprocessor, image, unit.resolution, unit.threshold_a, unit.threshold_b
-            )
-        )
+        picture, note = unit_map(unit, image, size, i)
+        maps.append(picture)
+        notes += [note] if note else []
     return maps, notes
+
+
+def unit_map(unit: ControlUnit, image, size: tuple[int, int], index: int = 1):
+    """The unit's map at `size`: its picture preprocessed (fitted to `size` first), or, with
+    preprocessor none or a stored map, the picture itself, which must already be that size."""
+    image = image.convert("RGB")
+    if unit.preprocessor == "none" or unit.map_id is not None:
+        if image.size != size:
+            raise SettingsError(
+                f"control map {index} is {image.width}×{image.height}, but the picture is {size[0]}×{size[1]}: "
+                "give a map of that size, or pick a preprocessor (it fits its input)"
+            )
+        return image, ""
+    note = ""
+    if image.size != size:
+        note = f"unit {index}: input {image.width}×{image.height} fitted to {size[0]}×{size[1]} (centre crop, resize)"
+        image = ImageOps.fit(image, size, Image.Resampling.LANCZOS)
+    picture = preprocessors.preprocess(
+        unit.preprocessor, image, unit.resolution, unit.threshold_a, unit.threshold_b
+    )
+    return picture, note
+
+
+def preview_map(
+    models: ModelManager, model: str, width: int | None, height: int | None, unit: ControlUnit, image
+):
+    """The unit's map as a run on `model` at that size would make it, without running: for
+    showing, and painting on, before generating."""
+    size = models.output_size(model, width, height)
+    if size is None:
+        raise SettingsError("set the width and height: this model's own size can't be told before loading it")
+    return unit_map(unit, image, size)[0]
 
 
 def run(

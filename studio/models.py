@@ -150,6 +150,44 @@ def family_of_folder(folder: Path) -> str:
     raise ModelError(f"{folder} holds a {cls or 'unknown'} pipeline, which the studio does not run")
 
 
+def _check_fits(module, unet, name: str, model: str) -> None:
+    """A ControlNet's residuals (or an adapter's features) must match the UNet's blocks: same
+    cross-attention width and block channels, else the run would fail midway."""
+    if unet is None:
+        return
+    mine, base = module.config, unet.config
+    keys = ("cross_attention_dim", "block_out_channels") if "cross_attention_dim" in mine else ()
+    for key in keys:
+        if _as_tuple(mine.get(key)) != _as_tuple(base.get(key)):
+            raise ModelError(
+                f"{name} was made for another base model ({key} {mine.get(key)}, {model} has {base.get(key)}): "
+                "pick a ControlNet trained for this model"
+            )
+    channels = mine.get("channels")
+    if channels and tuple(channels) != tuple(base["block_out_channels"])[: len(channels)]:
+        raise ModelError(
+            f"{name} was made for another base model (channels {channels}): pick one for {model}"
+        )
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def native_size_of_folder(folder: Path) -> int | None:
+    """The image side a diffusers folder makes: denoiser sample size × 2^(VAE levels - 1)."""
+    try:
+        denoiser = next(
+            json.loads((folder / sub / "config.json").read_text())
+            for sub in ("unet", "transformer")
+            if (folder / sub / "config.json").is_file()
+        )
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (StopIteration, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def tensor_names(path: Path) -> list[str]:
     """The tensor names in a .safetensors file's header (no tensor is read)."""
     from safetensors import safe_open
@@ -275,6 +313,20 @@ class ModelManager:
         if family in FLOW_FAMILIES and self.device == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float16
+
+    def output_size(
+        self, name: str, width: int | None = None, height: int | None = None
+    ) -> tuple[int, int] | None:
+        """The picture size a run makes: the given one, else the catalog's, else (for a local
+        folder) its denoiser's sample size × the VAE's scale, read from the configs without
+        loading anything; None when only loading could tell."""
+        spec = self.resolve(name)
+        width, height = width or spec.defaults.get("width"), height or spec.defaults.get("height")
+        if width and height:
+            return int(width), int(height)
+        side = native_size_of_folder(Path(spec.source)) if spec.local and not spec.single_file else None
+        width, height = width or side, height or side
+        return (int(width), int(height)) if width and height else None
 
     # ------------------------------------------------------------------ loading and the cache
 
@@ -402,7 +454,7 @@ class ModelManager:
             family = spec.family if spec.family != "unknown" else family_of_pipe(base)
             cls = self._pipeline_class(family, task)
             _check_task(spec, base, task)
-            extra = self._control_components(task, controls, family, spec.name)
+            extra = self._control_components(task, controls, family, spec.name, getattr(base, "unet", None))
             pipe = base if type(base) is cls and not extra else cls.from_pipe(base, **extra)
             pipe.set_progress_bar_config(disable=True)
             denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
@@ -479,7 +531,9 @@ class ModelManager:
             self._sizes[key] = size
             return module, spec
 
-    def _control_components(self, task: str, controls: tuple[str, ...], family: str, model: str) -> dict:
+    def _control_components(
+        self, task: str, controls: tuple[str, ...], family: str, model: str, unet=None
+    ) -> dict:
         """The `controlnet=` / `adapter=` argument of a control pipeline, families checked."""
         if task not in CONTROL_KINDS:
             if controls:
@@ -499,6 +553,7 @@ class ModelManager:
                 raise ModelError(
                     f"{kind} {spec.name} is for {FAMILY_NAMES[own]} models, but {model} is {FAMILY_NAMES[family]}"
                 )
+            _check_fits(module, unet, spec.name, model)
             modules.append(module)
         if task == "controlnet":
             return {

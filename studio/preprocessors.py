@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .models import REPO_ROOT, ModelError
-from .settings import SettingsError
+from .settings import SettingsError, check_int
 
 ANNOTATORS_REPO = "lllyasviel/Annotators"
 
@@ -258,6 +258,7 @@ def check_available(p: Preprocessor) -> None:
 def preprocess(name: str, image: Image.Image, resolution: int | None = None, a=None, b=None) -> Image.Image:
     """The control map of `image` (RGB, at the image's size)."""
     p = get(name)
+    check_int("preprocessor resolution", resolution, 64, 2048)
     check_available(p)
     a = p.a.default if a is None and p.a else a
     b = p.b.default if b is None and p.b else b

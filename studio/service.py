@@ -117,9 +117,17 @@ class Studio:
         stored (technique "control map") and become the results' parents; the settings
         recorded with each result name them, so that restoring remakes the image."""
         # 1. Each unit's picture: the upload, or its stored map (an identical upload keeps the id).
-        inputs = list(inputs or [None] * len(settings.units))
+        # Fewer pictures than units: they go, in order, to the units without a stored map.
+        inputs = list(inputs or [])
+        open_units = [i for i, u in enumerate(settings.units) if u.map_id is None]
         if len(inputs) != len(settings.units):
-            raise SettingsError(f"{len(settings.units)} control units but {len(inputs)} images")
+            if len(inputs) != len(open_units):
+                raise SettingsError(
+                    f"{len(settings.units)} control units, {len(open_units)} without a stored map, "
+                    f"but {len(inputs)} pictures"
+                )
+            given = dict(zip(open_units, inputs, strict=True))
+            inputs = [given.get(i) for i in range(len(settings.units))]
         pictures, units = [], []
         for unit, given in zip(settings.units, inputs, strict=True):
             stored = self._source_item(unit.map_id) if unit.map_id is not None else None
@@ -141,7 +149,7 @@ class Studio:
                     result.figures[f"control map {i + 1}"],
                     technique="control map",
                     model=unit.model,
-                    prompt=f"{unit.preprocessor} map",
+                    prompt=f"{unit.preprocessor} map" if unit.preprocessor != "none" else "control map",
                     settings={},
                 )
                 units[i] = dataclasses.replace(unit, map_id=item.id)

@@ -29,6 +29,7 @@ API_NAMES = {
     "/sdedit",
     "/ip2p",
     "/p2p",
+    "/controlnet",
 }
 PROMPT = "a red circle on the left"
 
@@ -363,13 +364,74 @@ def test_bad_p2p_is_a_clear_error(app, case, capfd):
     assert server_tracebacks(capfd) == ""
 
 
+@pytest.fixture(scope="module")
+def square_png(tmp_path_factory) -> str:
+    """A white square on black, 64×64: canny draws its outline."""
+    path = tmp_path_factory.mktemp("control_input") / "square.png"
+    image = Image.new("RGB", (64, 64), (0, 0, 0))
+    image.paste((255, 255, 255), (20, 20, 44, 44))
+    image.save(path)
+    return str(path)
+
+
+def controlnet_settings(tiny_sd, tiny_controlnet, **unit) -> dict:
+    return {
+        "prompt": "a white square in the center",
+        "model": str(tiny_sd),
+        "steps": 3,
+        "seed": 2,
+        "units": [{"model": str(tiny_controlnet), "preprocessor": "canny", **unit}],
+    }
+
+
+def controlnet(app, files, s: dict):
+    images, info = app.client.predict(files, s, api_name="/controlnet")
+    return [entry["image"] for entry in images], info
+
+
+def test_controlnet_stores_the_map_and_the_image_under_it(app, tiny_sd, tiny_controlnet, square_png):
+    before = app.studio.gallery.count()
+    paths, info = controlnet(app, [handle_file(square_png)], controlnet_settings(tiny_sd, tiny_controlnet))
+    assert len(paths) == 2  # the image, then the control map
+    assert info["seeds"] == [2] and len(info["ids"]) == 1 and len(info["map_ids"]) == 1
+    assert app.studio.gallery.count() == before + 2  # the map and the image
+    item = app.studio.gallery.get(info["ids"][0])
+    stored_map = app.studio.gallery.get(info["map_ids"][0])
+    assert item.technique == "controlnet" and item.parent_id == stored_map.id
+    assert stored_map.technique == "control map" and (stored_map.width, stored_map.height) == (64, 64)
+    assert info["settings"][0]["units"][0]["map_id"] == stored_map.id
+    with Image.open(paths[1]) as returned_map:
+        assert returned_map.size == (64, 64)
+        assert np.array_equal(np.asarray(returned_map.convert("RGB")), pixels(stored_map.image_path))
+
+    # No file: the stored map named by map_id is used as it is; nothing new is stored but the image.
+    again, info2 = controlnet(app, None, {**item.settings, "seed": 3})
+    assert info2["map_ids"] == [stored_map.id] and info2["seeds"] == [3]
+    assert app.studio.gallery.get(info2["ids"][0]).parent_id == stored_map.id
+    assert app.studio.gallery.count() == before + 3
+
+
+def test_controlnet_unknown_preprocessor_is_a_clear_error(app, tiny_sd, tiny_controlnet, square_png, capfd):
+    before = app.studio.gallery.count()
+    s = controlnet_settings(tiny_sd, tiny_controlnet, preprocessor="x-ray")
+    with pytest.raises(AppError) as caught:
+        controlnet(app, [handle_file(square_png)], s)
+    message = str(caught.value)
+    assert "unknown preprocessor 'x-ray'" in message
+    assert "Traceback" not in message and 'File "' not in message
+    assert app.studio.gallery.count() == before
+    assert server_tracebacks(capfd) == ""
+
+
 def test_app_still_serves_after_bad_input(app):
     """Runs last: every refused request above left the app working and the gallery as it was."""
     items, total = app.client.predict("", api_name="/gallery_search")
     assert total == app.studio.gallery.count() == len(items)
     # Only test_txt2img_stores_searches_and_remakes (an image and its remake), the two edit
-    # tests (uploads and their edits) and the P2P test (a source and its edit) stored anything.
-    assert {item["technique"] for item in items} <= {"txt2img", "upload", "sdedit", "ip2p", "p2p"}
+    # tests (uploads and their edits), the P2P test (a source and its edit) and the ControlNet
+    # test (a map and its images) stored anything.
+    techniques = {"txt2img", "upload", "sdedit", "ip2p", "p2p", "controlnet", "control map"}
+    assert {item["technique"] for item in items} <= techniques
     assert all(item["prompt"] == PROMPT for item in items if item["technique"] == "txt2img")
     paths, info = generate(app, settings(app, prompt="a green square", seed=5))
     assert app.studio.gallery.count() == total + 1

@@ -397,3 +397,92 @@ def test_prompt_to_prompt_tab_shows_both_images_and_the_maps(page, app, tmp_path
     shutil.copyfile(tmp_path / "p2p.png", "/tmp/e2e-p2p.png")
     assert page.errors == []
     assert server_tracebacks(capfd) == ""
+
+
+# ---------------------------------------------------------------- the ControlNet tab
+
+COUNT_UPLOADS = """
+window.__uploads = 0;
+const fetch0 = window.fetch;
+window.fetch = function (input, init) {
+    const url = typeof input === "string" ? input : input.url;
+    if (!url.includes("/upload")) return fetch0.apply(this, arguments);
+    window.__uploads += 1;
+    return fetch0.apply(this, arguments).finally(() => { window.__uploads -= 1; });
+};
+"""
+
+
+def pick_option(page, box: str, option: str) -> None:
+    page.locator(f"{box} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_controlnet_tab_generates_from_a_canny_map(page, app, tiny_sd, tiny_controlnet, tmp_path, capfd):
+    from PIL import Image
+
+    picture = Image.new("RGB", (64, 64), (0, 0, 0))
+    picture.paste((255, 255, 255), (20, 20, 44, 44))
+    path = tmp_path / "square.png"
+    picture.save(path)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (48, 40), (0, 0, 0)).save(small)
+
+    # The map boxes (image editors) upload their pictures whenever an event reads them: the
+    # test ends once none is in flight, so that closing the page cuts no upload short.
+    page.add_init_script(COUNT_UPLOADS)
+    open_app(page, app.url)
+    page.get_by_role("tab", name="ControlNet").click()
+    page.wait_for_selector("#cn-prompt textarea")
+    before = app.studio.gallery.count()
+
+    page.locator("#cn-sampling").get_by_text("Sampling", exact=True).click()
+    steps = page.locator("#cn-steps input[type=number]")
+    steps.fill("3")
+    steps.press("Enter")
+    base = page.locator("#cn-model input")
+    base.fill(str(tiny_sd))
+    base.press("Enter")
+    page.wait_for_function("(el) => el.value === '25'", arg=steps.element_handle())  # its defaults came
+    steps.fill("3")
+    steps.press("Enter")
+    control = page.locator("#cn-unit1-model input")
+    control.fill(str(tiny_controlnet))
+    control.press("Enter")
+    pick_option(page, "#cn-unit1-preprocessor", "Canny edges (OpenCV)")
+    page.locator("#cn-unit1").get_by_text("low threshold", exact=True).wait_for()
+    page.locator("#cn-unit1-image input[type=file]").set_input_files(str(path))
+    page.wait_for_selector("#cn-unit1-image img")
+    page.locator("#cn-prompt textarea").fill("a white square in the center")
+
+    # Preview map: the canny map fills the (editable) map box.
+    page.click("#cn-unit1-preview")
+    page.wait_for_selector("#cn-unit1-map .empty", state="detached")
+    page.click("#cn-generate")
+    page.wait_for_function("document.querySelector('#cn-info').innerText.includes('gallery')")
+    page.wait_for_selector("#cn-images img")
+
+    assert app.studio.gallery.count() == before + 2  # the map and the image
+    item = app.studio.gallery.search("a white square in the center", page_size=1).items[0]
+    assert item.technique == "controlnet" and (item.width, item.height) == (64, 64)
+    stored_map = app.studio.gallery.get(item.parent_id)
+    assert stored_map.technique == "control map" and (stored_map.width, stored_map.height) == (64, 64)
+    assert item.settings["units"][0]["map_id"] == stored_map.id
+    assert item.settings["units"][0]["model"] == str(tiny_controlnet)
+    info = page.inner_text("#cn-info")
+    assert f"gallery ids {item.id}" in info and f"child of map #{stored_map.id}" in info
+    assert page.locator("#cn-images img").count() == 2  # the image, then its map
+
+    # A map of the wrong size, used as it is (preprocessor none): a clear message, nothing stored.
+    page.locator("#cn-unit1-image input[type=file]").set_input_files(str(small))
+    page.wait_for_selector("#cn-unit1-map .empty")  # a new picture empties the map box
+    pick_option(page, "#cn-unit1-preprocessor", "none (the image is the map)")
+    page.click("#cn-generate")
+    toast(page, "control map 1 is 48×40").first.wait_for()
+    assert app.studio.gallery.count() == before + 2
+
+    page.wait_for_function("window.__uploads === 0")
+    page.screenshot(path=str(tmp_path / "controlnet.png"), full_page=True)
+    shutil.copyfile(tmp_path / "controlnet.png", "/tmp/e2e-controlnet.png")
+    assert page.errors == []
+    assert server_tracebacks(capfd) == ""

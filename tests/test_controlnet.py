@@ -163,6 +163,7 @@ def test_a_t2i_adapter_runs_and_refuses_controlnet_only_options(
         ("SDXL ControlNet on SD", "is for SDXL models, but"),
         ("mixed kinds", "don't mix"),
         ("unknown ControlNet", "unknown ControlNet"),
+        ("ControlNet of another base model", "was made for another base model"),
     ],
 )
 def test_bad_runs_are_refused(
@@ -175,6 +176,11 @@ def test_bad_runs_are_refused(
         units = [unit(sdxl_controlnet)]
     elif case == "mixed kinds":
         units, inputs = [unit(tiny_controlnet), unit(tiny_adapter)], [scene_picture] * 2
+    elif case == "ControlNet of another base model":
+        units = [unit(tiny_controlnet)]
+        with pytest.raises(ModelError, match=message):  # the tiny ControlNet on toy-sd's UNet
+            run(settings("toy-sd", units), inputs, manager)
+        return
     else:
         units = [unit("not-a-controlnet")]
     with pytest.raises((SettingsError, ModelError), match=message):
@@ -220,6 +226,21 @@ def test_studio_stores_the_maps_and_remakes_from_them(
     again, items2 = studio.controlnet(settings_from_dict(image.settings))
     assert np.array_equal(pixels(again.images[0]), pixels(result.images[0]))
     assert items2[0].parent_id == stored_map.id and studio.gallery.count() == 3
+
+
+def test_pictures_go_to_the_units_without_a_stored_map(
+    studio, tiny_sd, tiny_controlnet, fresh_controlnet, scene_picture
+):
+    _, (first,) = studio.controlnet(settings(tiny_sd, [unit(tiny_controlnet)]), [scene_picture])
+    stored = studio.gallery.get(first.parent_id)
+    two = settings(
+        tiny_sd, [unit(tiny_controlnet, map_id=stored.id), unit(fresh_controlnet, preprocessor="canny")]
+    )
+    result, (image,) = studio.controlnet(two, [scene_picture.rotate(90)])  # one picture, for unit 2
+    assert result.settings.units[0].map_id == stored.id and image.parent_id == stored.id
+    assert result.settings.units[1].map_id not in (None, stored.id)
+    with pytest.raises(SettingsError, match="2 control units, 1 without a stored map, but 3 pictures"):
+        studio.controlnet(two, [scene_picture] * 3)
 
 
 def test_cli_writes_the_image_and_its_maps(tmp_path, tiny_sd, tiny_controlnet, scene_picture):

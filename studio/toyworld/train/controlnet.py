@@ -155,12 +155,25 @@ def train_kind(kind: str, work: Path, out: Path, steps: int = STEPS) -> None:
     export(out, kind, controlnet.eval(), steps, seconds)
 
 
-def export(out: Path, kind: str, controlnet, steps: int, seconds: float) -> None:
-    """Save a folder that `ControlNetModel.from_pretrained` loads (fp16), with its card."""
+def export(out: Path, kind: str, controlnet, steps: int, seconds: float, scenes: int = 50) -> None:
+    """Save a folder that `ControlNetModel.from_pretrained` loads (fp16), scored on `scenes`
+    held-out scenes (with the toy-sd of `out`), with its card."""
+    from ...models import ModelManager
+    from ..control_eval import controlnet_score
     from .cards import hardware, write_card
 
     folder = out / KINDS[kind]
     controlnet.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    score = controlnet_score(
+        ModelManager(),
+        str(out / "toy-sd"),
+        str(folder),
+        kind,
+        n=scenes,
+        steps=25,
+        guidance=4.0,
+        scheduler="DDIM",
+    )
     params = sum(p.numel() for p in controlnet.parameters())
     write_card(
         folder,
@@ -174,7 +187,7 @@ def export(out: Path, kind: str, controlnet, steps: int, seconds: float) -> None
             "hardware": hardware(),
             "time": f"{seconds:.0f} s",
         },
-        {},
+        {f"{scenes} held-out scenes, map + caption of the scene's colours (DDIM 25, guidance 4)": score},
     )
 
 
