@@ -56,5 +56,7 @@ def test_toy_clip_prefers_the_right_caption_and_tells_sets_apart():
     assert right > wrong
     more = [render(sample_pair(rng)[1]) for _ in range(64)]
     same_world = fid(image_features, clip.image_features(more), clip.space).value
-    inverted = fid(image_features, clip.image_features([ImageOps.invert(im) for im in more]), clip.space).value
+    inverted = fid(
+        image_features, clip.image_features([ImageOps.invert(im) for im in more]), clip.space
+    ).value
     assert same_world < inverted / 2

@@ -33,7 +33,7 @@ from .common import EMA, cosine_decay, load_checkpoint, log, pick_device, save_c
 from .sd import SEED as SD_SEED
 from .sd import build_latent_dataset, scheduler_config
 
-STEPS = 2500
+STEPS = 2000
 BATCH = 32
 LR = 2e-4
 CAPTION_DROPOUT = 0.5
