@@ -33,9 +33,9 @@ from .common import EMA, cosine_decay, load_checkpoint, log, pick_device, save_c
 from .sd import SEED as SD_SEED
 from .sd import build_latent_dataset, scheduler_config
 
-STEPS = 2000
+STEPS = 3000
 BATCH = 32
-LR = 2e-4
+LR = 1e-3
 CAPTION_DROPOUT = 0.5
 MIN_SNR_GAMMA = 5.0
 CONDITIONING_CHANNELS = (16, 32, 64, 128)  # three stride-2 convs: 64 px → the 8 × 8 latent
