@@ -46,7 +46,7 @@ from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, make_bus, on_gpu, share_link, user_errors, user_errors_gen
+from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen
 from .editing import _existing, _upload_path
 from .txt2img import MODEL_DEFAULT, _whole, format_loras, parse_loras
 
@@ -787,14 +787,9 @@ def build(studio, bus: Bus) -> ControlNetTab:
 
 
 def main() -> None:
-    from studio.service import Studio
+    from .launch import run_alone
 
-    from .launch import launch_options
-
-    studio = Studio()
-    with gr.Blocks(title="Latent Studio · ControlNet") as demo:
-        build(studio, make_bus())
-    demo.queue().launch(**launch_options(studio))
+    run_alone(build, "ControlNet")
 
 
 if __name__ == "__main__":

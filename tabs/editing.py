@@ -31,7 +31,7 @@ from studio.sdedit import SDEditSettings
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, make_bus, on_gpu, share_link, user_errors, user_errors_gen
+from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen
 from .txt2img import MODEL_DEFAULT, _whole, format_loras, parse_loras
 
 SDEDIT = "SDEdit"
@@ -556,14 +556,9 @@ def build(studio, bus: Bus) -> EditingTab:
 
 
 def main() -> None:
-    from studio.service import Studio
+    from .launch import run_alone
 
-    from .launch import launch_options
-
-    studio = Studio()
-    with gr.Blocks(title="Latent Studio · editing") as demo:
-        build(studio, make_bus())
-    demo.queue().launch(**launch_options(studio))
+    run_alone(build, "editing")
 
 
 if __name__ == "__main__":

@@ -26,3 +26,17 @@ def launch_options(studio, **overrides) -> dict:
     )
     options.update(overrides)
     return options
+
+
+def run_alone(build, title: str) -> None:
+    """Serve one tab by itself (`python -m tabs.NAME`) on a default Studio."""
+    import gradio as gr
+
+    from studio.service import Studio
+
+    from .common import make_bus
+
+    studio = Studio()
+    with gr.Blocks(title=f"Latent Studio · {title}") as demo:
+        build(studio, make_bus())
+    demo.queue().launch(**launch_options(studio))

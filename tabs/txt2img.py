@@ -15,7 +15,7 @@ from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import Txt2ImgSettings, model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, make_bus, on_gpu, share_link, user_errors, user_errors_gen
+from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen
 
 MODEL_DEFAULT = "(model default)"
 
@@ -331,14 +331,9 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
 
 
 def main() -> None:
-    from studio.service import Studio
+    from .launch import run_alone
 
-    from .launch import launch_options
-
-    studio = Studio()
-    with gr.Blocks(title="Latent Studio · txt2img") as demo:
-        build(studio, make_bus())
-    demo.queue().launch(**launch_options(studio))
+    run_alone(build, "txt2img")
 
 
 if __name__ == "__main__":
