@@ -213,8 +213,11 @@ def test_stop_cancels_within_a_step_and_stores_nothing(page, app, capfd):
     open_app(page, app.url)
     before = app.studio.gallery.count()
     prompt_box(page).fill("three yellow triangles")
+    # 16 × 150 steps: minutes of work, so the Stop click always lands mid-run.
     number(page, "Steps").fill("150")
     number(page, "Steps").press("Enter")
+    number(page, "Batch count").fill("16")
+    number(page, "Batch count").press("Enter")
     page.click("#t2i-generate")
     page.wait_for_selector(".progress-text, .eta-bar", state="attached")
     page.click("#t2i-stop")
@@ -223,6 +226,8 @@ def test_stop_cancels_within_a_step_and_stores_nothing(page, app, capfd):
     # The lane is free again: the next generation runs.
     number(page, "Steps").fill("3")
     number(page, "Steps").press("Enter")
+    number(page, "Batch count").fill("1")
+    number(page, "Batch count").press("Enter")
     page.click("#t2i-generate")
     page.wait_for_function("document.querySelector('#t2i-info').innerText.includes('seeds')")
     assert app.studio.gallery.count() == before + 1
