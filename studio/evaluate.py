@@ -16,6 +16,7 @@ the same in every cell, in batches through the model manager's pipeline.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,6 +136,16 @@ class EvaluationReport:
     seconds: float
     figures: dict = field(default_factory=dict)
 
+    def save(self, out_dir: Path) -> dict[str, str]:
+        """results.json and one PNG per figure into `out_dir`; {figure name: PNG path}."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(self.results(), indent=2) + "\n")
+        paths = {}
+        for name, picture in self.figures.items():
+            paths[name] = str(out_dir / (name.replace(" ", "_") + ".png"))
+            picture.save(paths[name])
+        return paths
+
     def results(self) -> dict:
         """One key per metric: a number for a single cell, else {model: {value: number}}."""
         out: dict = {}
@@ -169,8 +180,29 @@ def check_metrics_available(s: EvaluationSettings) -> None:
         raise SettingsError(f"the FID reference folder {s.reference} does not exist")
 
 
+def check(s: EvaluationSettings, models: ModelManager) -> None:
+    """Refuse, without loading anything, what `run` would refuse: missing metrics, unknown
+    models, samplers a model can't take."""
+    from .schedulers import check_scheduler
+    from .txt2img import model_defaults
+
+    check_metrics_available(s)
+    for model in s.models:
+        spec = models.resolve(model)
+        if spec.family == "unknown":
+            continue  # a hub id: its family is known once it is loaded
+        for name in s.values if s.axis == "scheduler" else [s.scheduler or model_defaults(spec)["scheduler"]]:
+            check_scheduler(name, spec.family)
+
+
+def image_count(s: EvaluationSettings) -> int:
+    """How many images a run generates."""
+    return len(prompt_list(s)) * s.samples * len(s.models) * len(s.values)
+
+
 def generate(models: ModelManager, model: str, axis: str, value, jobs, s: EvaluationSettings, on_batch):
-    """The images of `jobs` ((prompt, seed) pairs) on one cell's settings, in batches."""
+    """The images of `jobs` ((prompt, seed) pairs) on one cell's settings, in batches;
+    `on_batch(n)` after each batch of n, and `on_batch(0)` after every step (to cancel)."""
     import torch
 
     from .schedulers import make_scheduler
@@ -192,6 +224,7 @@ def generate(models: ModelManager, model: str, axis: str, value, jobs, s: Evalua
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in chunk],
+                callback_on_step_end=lambda _pipe, _i, _t, kw: on_batch(0) or kw,
                 **size,
             ).images
         on_batch(len(chunk))
@@ -242,13 +275,14 @@ def run(
     *,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> EvaluationReport:
-    """Generate every cell, then score it; `on_progress(done, total)` may raise Cancelled."""
+    """Generate every cell, then score it; `on_progress(done, total)` (images generated, after
+    each batch and, with `done` unchanged, after every denoising step) may raise Cancelled."""
     from .metrics import ClipEmbedder, clip_score, fid
     from .toyworld.judge import satisfies
 
     # 1. Refuse what can't run before generating anything.
     s = settings
-    check_metrics_available(s)
+    check(s, models)
     pairs = prompt_list(s)
     jobs = [(p, s.seed + k) for _, p in pairs for k in range(s.samples)]
     categories = [c for c, _ in pairs for _ in range(s.samples)]

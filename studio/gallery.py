@@ -37,6 +37,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from studio import pngmeta
+from studio.jobstore import JobState, JobStore
 
 try:  # POSIX only; elsewhere the cross-process lock is skipped.
     import fcntl
@@ -52,6 +53,7 @@ __all__ = [
     "ImageRejected",
     "InvalidValue",
     "ItemNotFound",
+    "JobState",
     "Page",
     "ReconcileReport",
     "upgrade_database",
@@ -388,8 +390,8 @@ def _unlink(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-class Gallery:
-    """The image catalogue. Cheap to construct; connects and migrates on first use."""
+class Gallery(JobStore):
+    """The image catalogue (and the job records, see `studio.jobstore`). Cheap to construct; connects and migrates on first use."""
 
     def __init__(self, db_path: str | os.PathLike[str], image_dir: str | os.PathLike[str]) -> None:
         self.db_path = Path(db_path)
@@ -404,7 +406,8 @@ class Gallery:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def open(self) -> Gallery:
-        """Connect, migrate to head and reconcile files with rows. Safe to call repeatedly."""
+        """Connect, migrate to head, reconcile files with rows and mark the jobs of ended
+        processes interrupted. Safe to call repeatedly."""
         with self._open_lock:
             if self._ready:
                 return self
@@ -415,6 +418,10 @@ class Gallery:
                 upgrade_database(engine)
                 self._engine = engine
                 self.last_reconcile = self._reconcile()
+                with engine.connect() as conn:
+                    conn.execution_options(sqlite_immediate=True)
+                    with self._write_lock, conn.begin():
+                        interrupted = self._interrupt_stale_jobs(conn)
             except BaseException:
                 self._engine = None
                 engine.dispose()
@@ -422,6 +429,8 @@ class Gallery:
             self._ready = True
             if self.last_reconcile.changed or self.last_reconcile.missing_rows_kept:
                 log.warning("gallery reconcile on open: %s", self.last_reconcile)
+            if interrupted:
+                log.warning("jobs left unfinished by an ended process, now interrupted: %s", interrupted)
         return self
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import controlnet, evaluate, ip2p, p2p, sdedit, txt2img
 from .gallery import Gallery, GalleryError, GalleryItem
 from .images import open_image
+from .jobs import JobContext, JobRunner
 from .models import ModelManager
 from .pngmeta import format_infotext
 from .settings import SettingsError
@@ -26,6 +27,7 @@ DEFAULT_DATA_DIR = Path("data")
 class Paths:
     db: Path
     images: Path
+    jobs: Path | None = None  # jobs' output folders; None: "jobs" beside the database
 
     @classmethod
     def from_env(
@@ -35,6 +37,7 @@ class Paths:
         return cls(
             db=Path(db or os.environ.get("LATENT_STUDIO_DB") or root / "gallery.db"),
             images=Path(images or os.environ.get("LATENT_STUDIO_IMAGES") or root / "images"),
+            jobs=root / "jobs",
         )
 
 
@@ -74,6 +77,7 @@ class Studio:
         self.models = models or ModelManager()
         self.default_model = default_model
         self._gallery: Gallery | None = None
+        self._jobs: JobRunner | None = None
 
     @property
     def gallery(self) -> Gallery:
@@ -82,6 +86,15 @@ class Studio:
             self.paths.images.mkdir(parents=True, exist_ok=True)
             self._gallery = Gallery(self.paths.db, self.paths.images).open()
         return self._gallery
+
+    @property
+    def jobs(self) -> JobRunner:
+        """The runner of long work (evaluations, training), made on first use."""
+        if self._jobs is None:
+            self._jobs = JobRunner(
+                lambda: self.gallery, self.models.lane, self.paths.jobs or self.paths.db.parent / "jobs"
+            )
+        return self._jobs
 
     def txt2img(self, settings: txt2img.Txt2ImgSettings, *, on_step=None, store: bool = True):
         """Generate, then store every image; a cancelled run raises and stores nothing."""
@@ -170,6 +183,33 @@ class Studio:
         record = self.gallery.add_evaluation(settings.to_dict(), report.results(), figure_ids, report.seconds)
         return report, record
 
+    def start_evaluation(self, settings: evaluate.EvaluationSettings) -> int:
+        """Run `evaluate` as a job (kind "evaluation"); its id. What can be refused without
+        loading anything is refused here. The job stores the evaluation as `evaluate` does;
+        its result is results.json's dict plus "figures" ({name: PNG path in its out_dir}),
+        "notes", "evaluation_id" and "seconds"."""
+        evaluate.check(settings, self.models)
+        total = evaluate.image_count(settings)
+
+        def work(ctx: JobContext) -> dict:
+            ctx.report(0, total, "loading the models and the metrics")
+
+            def on_progress(done: int, _total: int) -> None:
+                ctx.check_cancel()
+                ctx.report(done, total, f"{done}/{total} images generated")
+
+            report, record = self.evaluate(settings, on_progress=on_progress)
+            ctx.report(total, total, "scored")
+            return {
+                **report.results(),
+                "figures": report.save(ctx.out_dir),
+                "notes": list(report.notes),
+                "evaluation_id": record.id,
+                "seconds": report.seconds,
+            }
+
+        return self.jobs.submit("evaluation", settings, work)
+
     def _edit(self, run, settings, image, *, on_step, store: bool):
         # 1. The input: an upload, or a gallery item; an upload is stored first (as the parent).
         source = self._source_item(settings.source_id) if settings.source_id is not None else None
@@ -241,6 +281,9 @@ class Studio:
         return image.resize((image.width * 8, image.height * 8))
 
     def close(self) -> None:
+        if self._jobs is not None:
+            self._jobs.close()
+            self._jobs = None
         if self._gallery is not None:
             self._gallery.close()
             self._gallery = None

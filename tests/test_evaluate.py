@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -138,3 +140,35 @@ def test_cli_writes_results_json_and_plots(tmp_path, tiny_sd):
         timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: hpsv2 needs")
+
+
+def test_an_evaluation_job_stores_its_numbers_and_figures(studio, tiny_sd):
+    job = studio.start_evaluation(tiny_settings(tiny_sd, metrics=("clip-score",), values=("1", "5")))
+    state = studio.jobs.wait(job, timeout=300)
+    assert (state.status, state.kind, state.step, state.total) == ("done", "evaluation", 8, 8)
+    record = studio.gallery.evaluations()[0]
+    assert state.result["evaluation_id"] == record.id
+    assert state.result["clip-score"] == record.results["clip-score"]
+    assert json.loads((Path(state.out_dir) / "results.json").read_text()) == record.results
+    assert set(state.result["figures"]) == {"grid", "clip-score against guidance"}
+    assert all(
+        Path(p).parent == Path(state.out_dir) and Path(p).is_file() for p in state.result["figures"].values()
+    )
+    assert state.settings == tiny_settings(tiny_sd, metrics=("clip-score",), values=("1", "5")).to_dict()
+
+
+def test_an_evaluation_job_is_refused_before_it_is_queued_or_cancelled_midway(studio, tiny_sd):
+    with pytest.raises(ModelError, match="imagereward needs"):
+        studio.start_evaluation(tiny_settings(tiny_sd, metrics=("imagereward",)))
+    with pytest.raises(SettingsError, match="Flow Euler does not work with sd"):
+        studio.start_evaluation(tiny_settings(tiny_sd, axis="scheduler", values=("DDIM", "Flow Euler")))
+    assert studio.jobs.list() == []
+    job = studio.start_evaluation(tiny_settings(tiny_sd, steps=150, samples=8))
+    deadline = time.monotonic() + 300
+    while "images generated" not in studio.jobs.get(job).message:  # denoising the first batch
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    studio.jobs.cancel(job)
+    state = studio.jobs.wait(job, timeout=300)
+    assert state.status == "cancelled" and state.step < state.total == 32
+    assert studio.gallery.evaluations() == [] and studio.gallery.count() == 0

@@ -125,10 +125,11 @@ def test_migration_to_head_and_reopen_is_idempotent(tmp_path):
     engine.dispose()
     con = sqlite3.connect(db)
     try:
-        assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
         names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
         assert {
             "evaluations",
+            "jobs",
             "images",
             "image_tags",
             "images_fts",
