@@ -18,6 +18,7 @@ from studio.service import Paths, Studio
 from studio.settings import SettingsError
 from tabs import controlnet as controlnet_tab
 from tabs import editing as editing_tab
+from tabs import evaluation as evaluation_tab
 from tabs import gallery as gallery_tab
 from tabs import p2p as p2p_tab
 from tabs import txt2img as txt2img_tab
@@ -42,6 +43,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 p2p_tab.build(studio, bus)
             with gr.Tab("ControlNet", id="controlnet"):
                 controlnet_tab.build(studio, bus)
+            with gr.Tab("Evaluation", id="evaluation"):
+                evaluation_tab.build(studio, bus)
             with gr.Tab("Gallery", id="gallery") as gallery:
                 gallery_ui = gallery_tab.build(
                     studio, bus, send_targets=[("editing", "editing"), ("ControlNet", "controlnet")]

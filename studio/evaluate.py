@@ -400,3 +400,21 @@ def figures(report: EvaluationReport) -> dict:
             "share of samples the judge accepts",
         )
     return out
+
+
+def results_table(settings: dict, results: dict) -> tuple[list[str], list[list]]:
+    """A stored run as a table: one row per cell (model, axis value), a column per metric,
+    then toy GenEval's categories."""
+    metrics = [m for m in settings["metrics"] if m in results]
+    per_category = results.get("toy-geneval per category", {})
+    categories = list(next(iter(per_category.values()), {}))
+    rows = []
+    for model in settings["models"]:
+        for value in settings["values"]:
+            row = [model, value]
+            for metric in metrics:
+                score = results[metric]
+                row.append(score.get(model, {}).get(value) if isinstance(score, dict) else score)
+            row += [per_category.get(f"{model} @ {value}", {}).get(c) for c in categories]
+            rows.append(row)
+    return ["model", settings["axis"], *metrics, *categories], rows

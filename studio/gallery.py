@@ -563,17 +563,16 @@ class Gallery(JobStore):
             .limit(max(1, min(int(limit), MAX_PAGE_SIZE)))
         )
         with self._db().connect() as conn:
-            return [
-                Evaluation(
-                    r.id,
-                    _from_us(r.created_at),
-                    json.loads(r.settings),
-                    json.loads(r.results),
-                    tuple(json.loads(r.figure_ids)),
-                    r.duration_s,
-                )
-                for r in conn.execute(query)
-            ]
+            return [_evaluation(r) for r in conn.execute(query)]
+
+    def evaluation(self, evaluation_id: int) -> Evaluation:
+        """One evaluation run by its id."""
+        evaluation_id = _item_id(evaluation_id)
+        with self._db().connect() as conn:
+            row = conn.execute(sa.select(evaluations).where(evaluations.c.id == evaluation_id)).first()
+        if row is None:
+            raise ItemNotFound(f"There is no evaluation #{evaluation_id}.")
+        return _evaluation(row)
 
     def count(self) -> int:
         with self._db().connect() as conn:
@@ -950,6 +949,17 @@ class _RowView:
 
     def __init__(self, **values: Any) -> None:
         self.__dict__.update(values)
+
+
+def _evaluation(row: sa.Row[Any]) -> Evaluation:
+    return Evaluation(
+        row.id,
+        _from_us(row.created_at),
+        json.loads(row.settings),
+        json.loads(row.results),
+        tuple(json.loads(row.figure_ids)),
+        row.duration_s,
+    )
 
 
 def _a1111_params(row: dict[str, Any]) -> dict[str, Any]:

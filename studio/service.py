@@ -170,7 +170,8 @@ class Studio:
         return result, self.store(result, parent_id=units[0].map_id)
 
     def evaluate(self, settings: evaluate.EvaluationSettings, *, on_progress=None, store: bool = True):
-        """Generate and score; stores the figures (technique "evaluation") and the numbers."""
+        """Generate and score; stores the figures (technique "evaluation") and the numbers
+        (results.json's dict plus the run's "notes")."""
         report = evaluate.run(settings, self.models, on_progress=on_progress)
         if not store:
             return report, None
@@ -180,7 +181,9 @@ class Studio:
             ).id
             for name, picture in report.figures.items()
         ]
-        record = self.gallery.add_evaluation(settings.to_dict(), report.results(), figure_ids, report.seconds)
+        record = self.gallery.add_evaluation(
+            settings.to_dict(), {**report.results(), "notes": list(report.notes)}, figure_ids, report.seconds
+        )
         return report, record
 
     def start_evaluation(self, settings: evaluate.EvaluationSettings) -> int:
@@ -201,9 +204,8 @@ class Studio:
             report, record = self.evaluate(settings, on_progress=on_progress)
             ctx.report(total, total, "scored")
             return {
-                **report.results(),
+                **record.results,
                 "figures": report.save(ctx.out_dir),
-                "notes": list(report.notes),
                 "evaluation_id": record.id,
                 "seconds": report.seconds,
             }

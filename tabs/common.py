@@ -28,6 +28,7 @@ TAB_IDS = {
     "ip2p": "editing",
     "p2p": "p2p",
     "controlnet": "controlnet",
+    "evaluate": "evaluation",
     "ip_adapter": "ip_adapter",
 }
 

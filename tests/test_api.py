@@ -30,6 +30,7 @@ API_NAMES = {
     "/ip2p",
     "/p2p",
     "/controlnet",
+    "/evaluate",
 }
 PROMPT = "a red circle on the left"
 
@@ -423,14 +424,71 @@ def test_controlnet_unknown_preprocessor_is_a_clear_error(app, tiny_sd, tiny_con
     assert server_tracebacks(capfd) == ""
 
 
+def evaluation_settings(app, **changes) -> dict:
+    base = {
+        "metrics": ["clip-score", "fid"],
+        "models": [app.model],
+        "prompt_set": "custom",
+        "prompts": [PROMPT, "a blue square at the top"],
+        "values": ["1", "5"],
+        "samples": 2,
+        "steps": 3,
+    }
+    base.update(changes)
+    return base
+
+
+def test_evaluate_runs_a_job_and_returns_its_numbers_and_plots(app):
+    figures, result = app.client.predict(json.dumps(evaluation_settings(app)), api_name="/evaluate")
+    assert set(result["clip-score"][app.model]) == set(result["fid"][app.model]) == {"1", "5"}
+    assert all(0 <= v <= 100 for v in result["clip-score"][app.model].values())
+    assert result["samples per cell"] == 4
+    assert any("biased upward at small N" in note for note in result["notes"])
+    assert [entry["caption"] for entry in figures] == [
+        "grid",
+        "clip-score against guidance",
+        "fid against guidance",
+    ]
+    with Image.open(figures[1]["image"]) as chart:
+        assert chart.format == "PNG" and chart.size == (480, 300)
+    job = app.studio.jobs.get(result["job_id"])
+    assert (job.kind, job.status, job.step, job.total) == ("evaluation", "done", 8, 8)
+    stored = app.studio.gallery.evaluation(result["evaluation_id"])
+    assert stored.results["clip-score"] == result["clip-score"]
+    assert stored.settings["values"] == ["1", "5"]
+
+
+BAD_EVALUATION = {
+    "not JSON": ("{metrics: clip", "the settings are not valid JSON"),
+    "an unavailable metric": ({"metrics": ["pickscore"]}, "pickscore needs yuvalkirstain/PickScore_v1"),
+    "a value that is no number": ({"values": ["1", "hot"]}, "guidance value 'hot' is not a number"),
+    "toy-geneval on custom prompts": ({"metrics": ["toy-geneval"]}, "toy-geneval scores its own prompt set"),
+    "an unknown model": ({"models": ["no-such-model"]}, "unknown model 'no-such-model'"),
+    "an unknown key": ({"colour": "red"}, "unknown settings: colour"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EVALUATION))
+def test_bad_evaluation_is_a_clear_error(app, case, capfd):
+    changes, phrase = BAD_EVALUATION[case]
+    s = changes if isinstance(changes, str) else json.dumps(evaluation_settings(app, **changes))
+    jobs = len(app.studio.jobs.list(limit=100))
+    with pytest.raises(AppError) as caught:
+        app.client.predict(s, api_name="/evaluate")
+    message = str(caught.value)
+    assert phrase in message and "Traceback" not in message and len(message) < 600
+    assert len(app.studio.jobs.list(limit=100)) == jobs  # refused before a job was queued
+    assert server_tracebacks(capfd) == ""
+
+
 def test_app_still_serves_after_bad_input(app):
     """Runs last: every refused request above left the app working and the gallery as it was."""
     items, total = app.client.predict("", api_name="/gallery_search")
     assert total == app.studio.gallery.count() == len(items)
     # Only test_txt2img_stores_searches_and_remakes (an image and its remake), the two edit
     # tests (uploads and their edits), the P2P test (a source and its edit) and the ControlNet
-    # test (a map and its images) stored anything.
-    techniques = {"txt2img", "upload", "sdedit", "ip2p", "p2p", "controlnet", "control map"}
+    # test (a map and its images) and the evaluation test (its plots) stored anything.
+    techniques = {"txt2img", "upload", "sdedit", "ip2p", "p2p", "controlnet", "control map", "evaluation"}
     assert {item["technique"] for item in items} <= techniques
     assert all(item["prompt"] == PROMPT for item in items if item["technique"] == "txt2img")
     paths, info = generate(app, settings(app, prompt="a green square", seed=5))

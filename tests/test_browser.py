@@ -491,3 +491,92 @@ def test_controlnet_tab_generates_from_a_canny_map(page, app, tiny_sd, tiny_cont
     shutil.copyfile(tmp_path / "controlnet.png", "/tmp/e2e-controlnet.png")
     assert page.errors == []
     assert server_tracebacks(capfd) == ""
+
+
+# ---------------------------------------------------------------- the Evaluation tab
+
+
+def open_evaluation(page, url: str) -> None:
+    open_app(page, url)
+    page.get_by_role("tab", name="Evaluation").click()
+    page.wait_for_selector("#eval-start")
+
+
+def fill_evaluation(page, *, samples: int, steps: int, values: str) -> None:
+    """Custom prompts, CLIP-Score and FID over guidance `values`."""
+    metrics = page.locator("#eval-metrics")
+    metrics.get_by_label("toy-geneval").uncheck()
+    metrics.get_by_label("fid").check()
+    page.locator("#eval-prompt-set").get_by_label("custom").check()
+    page.locator("#eval-prompts textarea").fill("a red circle on the left\na blue square at the top")
+    page.locator("#eval-values textarea, #eval-values input").first.fill(values)
+    for box, value in (("#eval-samples", samples), ("#eval-steps", steps)):
+        page.locator(f"{box} input").fill(str(value))
+        page.locator(f"{box} input").press("Tab")
+
+
+def eval_status(page) -> str:
+    return page.inner_text("#eval-status")
+
+
+def test_evaluation_tab_runs_a_job_with_progress_and_plots(page, app, tmp_path, capfd):
+    open_evaluation(page, app.url)
+    before = len(app.studio.gallery.evaluations())
+    # 2 prompts × 8 seeds × 2 guidance values at 60 steps: seconds of work, so that a poll
+    # lands while it runs.
+    fill_evaluation(page, samples=8, steps=60, values="1, 5")
+    page.click("#eval-start")
+    page.wait_for_function("document.querySelector('#eval-status').innerText.includes('images generated')")
+    page.wait_for_function("document.querySelector('#eval-status').innerText.includes(' done in ')")
+    page.wait_for_function("document.querySelectorAll('#eval-plots img').length === 3")
+    assert "100%" in page.inner_text("#eval-progress")
+    evaluation = app.studio.gallery.evaluations()[0]
+    assert len(app.studio.gallery.evaluations()) == before + 1
+    assert f"evaluation #{evaluation.id}" in eval_status(page)
+    assert "biased upward at small N" in page.inner_text("#eval-notes")  # FID over 16 samples a cell
+    table = page.inner_text("#eval-table")
+    assert "clip-score" in table and "fid" in table and app.model in table
+    assert str(round(evaluation.results["clip-score"][app.model]["5"], 2))[:4] in table
+    page.screenshot(path=str(tmp_path / "evaluation.png"), full_page=True)
+    shutil.copyfile(tmp_path / "evaluation.png", "/tmp/e2e-evaluation.png")
+
+    # A page opened later shows the finished job and lists the run among past evaluations.
+    open_evaluation(page, app.url)
+    page.wait_for_function(
+        "(id) => document.querySelector('#eval-status').innerText.includes('evaluation #' + id)",
+        arg=evaluation.id,
+    )
+    page.wait_for_selector("#eval-plots img")
+    assert "clip-score, fid" in page.inner_text("#eval-past")
+    # Picking it there brings back its settings.
+    values = page.locator("#eval-values textarea, #eval-values input").first
+    values.fill("2")
+    page.locator("#eval-past [role=gridcell]").filter(has_text="clip-score, fid").first.click()
+    page.wait_for_function(
+        "(id) => document.querySelector('#eval-status').innerText.includes('Evaluation #' + id)",
+        arg=evaluation.id,
+    )
+    page.get_by_role("button", name="Load the picked evaluation's settings").click()
+    page.wait_for_function("(el) => el.value === '1, 5'", arg=values.element_handle())
+    assert page.locator("#eval-samples input").input_value() == "8"
+    assert page.errors == []
+    assert server_tracebacks(capfd) == ""
+
+
+def test_evaluation_tab_cancels_a_running_job(page, app, capfd):
+    open_evaluation(page, app.url)
+    before = (len(app.studio.gallery.evaluations()), app.studio.gallery.count())
+    fill_evaluation(page, samples=16, steps=150, values="3")  # 32 images × 150 steps: long
+    page.click("#eval-start")
+    page.wait_for_function("document.querySelector('#eval-status').innerText.includes('images generated')")
+    page.click("#eval-cancel")
+    page.wait_for_function("document.querySelector('#eval-status').innerText.includes('cancelled')")
+    job = app.studio.jobs.list("evaluation", 1)[0]
+    assert job.status == "cancelled" and f"job #{job.id}" in eval_status(page)
+    assert (len(app.studio.gallery.evaluations()), app.studio.gallery.count()) == before
+
+    # Cancel with nothing running: a clear message.
+    page.click("#eval-cancel")
+    toast(page, "no evaluation is running").first.wait_for()
+    assert page.errors == []
+    assert server_tracebacks(capfd) == ""

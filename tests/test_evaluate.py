@@ -50,7 +50,8 @@ def test_a_grid_is_generated_scored_and_stored(studio, tiny_sd):
     assert any("not Inception-V3's FID" in n for n in report.notes)
     assert any("biased upward at small N" in n for n in report.notes)
     stored = studio.gallery.evaluations()
-    assert stored == [record] and record.results == results
+    assert stored == [record] and record.results == {**results, "notes": report.notes}
+    assert studio.gallery.evaluation(record.id) == record
     assert settings_from_dict(record.settings) == report.settings
     figures = [studio.gallery.get(i) for i in record.figure_ids]
     assert {f.prompt for f in figures} == {"grid", "clip-score against guidance", "fid against guidance"}
@@ -149,7 +150,10 @@ def test_an_evaluation_job_stores_its_numbers_and_figures(studio, tiny_sd):
     record = studio.gallery.evaluations()[0]
     assert state.result["evaluation_id"] == record.id
     assert state.result["clip-score"] == record.results["clip-score"]
-    assert json.loads((Path(state.out_dir) / "results.json").read_text()) == record.results
+    assert json.loads((Path(state.out_dir) / "results.json").read_text()) == {
+        k: v for k, v in record.results.items() if k != "notes"
+    }
+    assert state.result["notes"] == record.results["notes"]
     assert set(state.result["figures"]) == {"grid", "clip-score against guidance"}
     assert all(
         Path(p).parent == Path(state.out_dir) and Path(p).is_file() for p in state.result["figures"].values()
