@@ -21,6 +21,7 @@ from tabs import editing as editing_tab
 from tabs import evaluation as evaluation_tab
 from tabs import gallery as gallery_tab
 from tabs import p2p as p2p_tab
+from tabs import trainer as trainer_tab
 from tabs import txt2img as txt2img_tab
 from tabs.common import TAB_IDS, bus_message, make_bus
 from tabs.launch import launch_options
@@ -45,6 +46,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 controlnet_tab.build(studio, bus)
             with gr.Tab("Evaluation", id="evaluation"):
                 evaluation_tab.build(studio, bus)
+            with gr.Tab("Trainer", id="trainer"):
+                trainer_tab.build(studio, bus)
             with gr.Tab("Gallery", id="gallery") as gallery:
                 gallery_ui = gallery_tab.build(
                     studio, bus, send_targets=[("editing", "editing"), ("ControlNet", "controlnet")]

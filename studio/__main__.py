@@ -6,6 +6,7 @@
     python -m studio ip2p --image in.png --instruction "make the circle blue" --out out.png
     python -m studio p2p --prompt "a red circle" --edit-prompt "a red square" --mode replace --out-dir p2p/
     python -m studio controlnet --controlnet toy-sd-controlnet-canny --image in.png --prompt "a red circle" --out out.png
+    python -m studio train --method lora --images stars/ --instance-prompt "a sks shape" --out runs/star
     python -m studio models
 
 Errors a user can cause end the program with exit status 2 and one line on stderr.
@@ -231,8 +232,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("file", type=Path, help="e.g. ControlNetHED.pth from lllyasviel/Annotators")
 
+    _train_arguments(sub.add_parser("train", help="LoRA, DreamBooth or Textual Inversion", parents=[common]))
     sub.add_parser("models", help="list the catalog", parents=[common])
     return parser
+
+
+def _train_arguments(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--method", default="lora", help="lora, dreambooth or textual-inversion")
+    r.add_argument("--model", default="toy-sd")
+    r.add_argument("--images", type=Path, help="a folder of pictures (captions: same-name .txt files)")
+    r.add_argument("--instance-prompt", default="a sks shape")
+    r.add_argument("--class-prompt", default="", help="prior preservation's class, e.g. 'a shape'")
+    r.add_argument("--prior-preservation", action="store_true")
+    r.add_argument("--prior-weight", type=float, default=1.0)
+    r.add_argument("--class-images", type=int, default=50)
+    r.add_argument("--steps", type=int)
+    r.add_argument("--learning-rate", type=float, default=1e-4)
+    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--rank", type=int, default=4)
+    r.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    r.add_argument(
+        "--targets", help="LoRA target modules, comma-separated (default: to_q,to_k,to_v,to_out.0)"
+    )
+    r.add_argument("--train-text-encoder", action="store_true")
+    r.add_argument("--token", default="<sks>", help="textual inversion's new word")
+    r.add_argument("--initializer", default="shape", help="textual inversion's starting word")
+    r.add_argument("--resolution", type=int)
+    r.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16 (GPU)")
+    r.add_argument("--gradient-checkpointing", action="store_true")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--checkpoint-every", type=int, default=250)
+    r.add_argument("--sample-every", type=int, default=250)
+    r.add_argument("--name", default="", help="the output's name (default: method and model)")
+    where = r.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="the run's folder: checkpoints, samples and the output")
+    where.add_argument("--resume", type=Path, help="continue the run in this folder (--steps may extend it)")
 
 
 def _edit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -501,6 +535,85 @@ def _pictures_with_prompts(folder: Path):
     return pictures, prompts
 
 
+def train_command(args, studio) -> int:
+    """Train as a job, printing progress; Ctrl-C cancels at a checkpoint that --resume continues."""
+    import json
+
+    from .settings import SettingsError
+    from .training.settings import ATTENTION_TARGETS, TrainingSettings
+
+    if args.resume:
+        try:
+            settings = TrainingSettings.from_dict(json.loads((args.resume / "settings.json").read_text()))
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, SettingsError):
+                raise
+            raise CliError(
+                f"--resume {args.resume}: no readable settings.json of a training run there"
+            ) from None
+        if args.steps:
+            settings = settings.replace(steps=args.steps)
+        out = args.resume
+    else:
+        if not args.images:
+            raise CliError("--images is required (a folder of pictures)")
+        targets = (
+            tuple(t.strip() for t in args.targets.split(",") if t.strip())
+            if args.targets
+            else ATTENTION_TARGETS
+        )
+        settings = TrainingSettings(
+            method=args.method,
+            model=args.model,
+            images=str(args.images),
+            instance_prompt=args.instance_prompt,
+            class_prompt=args.class_prompt,
+            prior_preservation=args.prior_preservation,
+            prior_weight=args.prior_weight,
+            class_images=args.class_images,
+            steps=args.steps or 1000,
+            learning_rate=args.learning_rate,
+            batch_size=args.batch_size,
+            rank=args.rank,
+            alpha=args.alpha if args.alpha is not None else float(args.rank),
+            targets=targets,
+            train_text_encoder=args.train_text_encoder,
+            token=args.token,
+            initializer=args.initializer,
+            resolution=args.resolution,
+            mixed_precision=args.mixed_precision,
+            gradient_checkpointing=args.gradient_checkpointing,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            sample_every=args.sample_every,
+            name=args.name,
+        )
+        out = args.out
+    job = studio.start_training(settings, out_dir=out)
+    shown = -1
+    try:
+        while not (state := studio.jobs.wait(job, timeout=2.0)).finished:
+            if state.step != shown:
+                loss = state.metrics[-1].get("loss") if state.metrics else None
+                print(
+                    f"step {state.step}/{state.total}" + (f"\tloss {loss:.4f}" if loss is not None else ""),
+                    flush=True,
+                )
+                shown = state.step
+    except KeyboardInterrupt:
+        studio.jobs.cancel(job)
+        state = studio.jobs.wait(job)
+        print(f"error: cancelled at step {state.step}; continue with --resume {out}", file=sys.stderr)
+        return 130
+    if state.status != "done":
+        print(f"error: training {state.status}: {state.error or state.message}", file=sys.stderr)
+        return 1
+    print(
+        f"{state.result['output']}\t{state.result['steps']} steps in {state.result['seconds']} s\tjob #{job}"
+    )
+    return 0
+
+
 def convert_annotator_command(args, studio) -> int:
     from .preprocessors import convert_annotator
 
@@ -542,6 +655,7 @@ def main(argv=None) -> int:
         "controlnet": controlnet_command,
         "convert-annotator": convert_annotator_command,
         "evaluate": evaluate_command,
+        "train": train_command,
         "models": models_command,
     }
     try:

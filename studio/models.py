@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -131,6 +133,42 @@ def refuse_pickle(path: str) -> None:
         )
 
 
+def trained_specs(user_dir: Path) -> dict[str, ModelSpec]:
+    """LoRAs (loras/*.safetensors) and fine-tuned models (models/<name>/) this studio trained."""
+    specs = {}
+    for path in sorted((user_dir / "loras").glob("*.safetensors")):
+        note = _note(path.with_suffix(".json"))
+        family = note.get("family", "unknown")
+        specs[path.stem] = ModelSpec(
+            path.stem, str(path), family, "lora", f"trained here on {note.get('base', '?')}"
+        )
+    for folder in sorted((user_dir / "models").glob("*/model_index.json")):
+        with contextlib.suppress(ModelError):
+            name = folder.parent.name
+            specs[name] = ModelSpec(
+                name, str(folder.parent), family_of_folder(folder.parent), "pipeline", "trained here"
+            )
+    return specs
+
+
+def _note(path: Path) -> dict:
+    try:
+        note = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception:  # a damaged file lists nothing rather than breaking every prompt
+        return []
+
+
 def family_of_folder(folder: Path) -> str:
     index = folder / "model_index.json"
     if not index.exists():
@@ -239,6 +277,7 @@ class ModelManager:
         offload: str = "none",
         budget_bytes: int | None = None,
         catalog: dict[str, ModelSpec] | None = None,
+        user_dir: Path | None = None,
     ):
         if offload not in ("none", "model", "sequential"):
             raise ModelError(f"offload must be none, model or sequential, not {offload!r}")
@@ -247,6 +286,9 @@ class ModelManager:
         self.offload = offload
         self.budget_bytes = budget_bytes
         self._catalog = catalog
+        self.user_dir = (
+            Path(user_dir) if user_dir else None
+        )  # what this studio trained: loras/, embeddings/, models/
         self._cache: OrderedDict[str, object] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self.lane = threading.RLock()
@@ -256,9 +298,39 @@ class ModelManager:
 
     @property
     def catalog(self) -> dict[str, ModelSpec]:
+        """The shipped catalog, plus what this studio trained (catalog names win a clash)."""
         if self._catalog is None:
             self._catalog = load_catalog()
-        return self._catalog
+        return {**trained_specs(self.user_dir), **self._catalog} if self.user_dir else self._catalog
+
+    def embeddings(self) -> dict[str, Path]:
+        """Trained textual-inversion words → their files (a word in a prompt loads its file)."""
+        found = {}
+        for path in sorted((self.user_dir / "embeddings").glob("*.safetensors")) if self.user_dir else ():
+            found.update(dict.fromkeys(safetensors_keys(path), path))
+        return found
+
+    def embeddings_for(self, *texts: str) -> tuple[str, ...]:
+        """The files of the trained words that appear in `texts`."""
+        return tuple(str(p) for word, p in self.embeddings().items() if any(word in t for t in texts if t))
+
+    def install_trained(self, output: Path, method: str, base: ModelSpec, settings: dict) -> Path:
+        """Copy a training run's output where the catalog finds it (loras/, embeddings/ or
+        models/ of `user_dir`), with a note of the base model and the settings beside it."""
+        if self.user_dir is None:
+            return output
+        folder = self.user_dir / {"lora": "loras", "textual-inversion": "embeddings"}.get(method, "models")
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / output.name
+        partial = folder / f".partial-{output.name}"
+        shutil.rmtree(partial, ignore_errors=True)
+        (shutil.copytree if output.is_dir() else shutil.copy2)(output, partial)
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+        note = {"family": base.family, "base": base.name, "method": method, "settings": settings}
+        (folder / f"{Path(output.name).stem}.json").write_text(json.dumps(note, indent=1))
+        return target
 
     def pipelines(self, kind: str = "pipeline") -> list[ModelSpec]:
         return [s for s in self.catalog.values() if s.kind == kind]
@@ -365,7 +437,7 @@ class ModelManager:
             self.load_seconds[spec.source] = time.perf_counter() - started
             return pipe
 
-    def _load(self, spec: ModelSpec):
+    def _load(self, spec: ModelSpec, dtype=None):
         import diffusers
         import transformers
 
@@ -373,7 +445,7 @@ class ModelManager:
         transformers.utils.logging.disable_progress_bar()
 
         family = spec.family
-        dtype = self.dtype_for(family)
+        dtype = dtype or self.dtype_for(family)
         try:
             if spec.single_file:
                 cls = self._pipeline_class(family, "txt2img" if family != "sdxl-refiner" else "img2img")
@@ -438,6 +510,7 @@ class ModelManager:
         loras: tuple[LoraRef, ...] = (),
         attn_processors: dict | object | None = None,
         controls: tuple[str, ...] = (),
+        embeddings: tuple[str, ...] = (),
     ) -> Iterator[object]:
         """A pipeline for `task` on model `name`, held on the lane for the block.
 
@@ -447,6 +520,7 @@ class ModelManager:
         is a name → processor dict, or one processor for every layer). For the tasks
         "controlnet" and "t2i-adapter", `controls` names the ControlNets or T2I-Adapters the
         pipeline borrows (several: diffusers' Multi* wrapper), each cached like a model.
+        `embeddings` are textual-inversion files whose words the prompt may use.
         """
         with self.lane:
             base = self.base(name)
@@ -462,12 +536,16 @@ class ModelManager:
             try:
                 if loras:
                     self._apply_loras(pipe, family, loras)
+                if embeddings:
+                    self._apply_embeddings(pipe, embeddings)
                 if attn_processors is not None:
                     denoiser.set_attn_processor(attn_processors)
                 yield pipe
             finally:
                 if loras:
                     pipe.unload_lora_weights()
+                if embeddings:
+                    pipe.unload_textual_inversion()
                 if saved_processors is not None:
                     denoiser.set_attn_processor(saved_processors)
 
@@ -560,6 +638,41 @@ class ModelManager:
                 "controlnet": modules[0] if len(modules) == 1 else diffusers.MultiControlNetModel(modules)
             }
         return {"adapter": modules[0] if len(modules) == 1 else diffusers.MultiAdapter(modules)}
+
+    def _apply_embeddings(self, pipe, paths: tuple[str, ...]) -> None:
+        try:
+            for path in paths:
+                pipe.load_textual_inversion(path)
+        except (OSError, ValueError) as exc:
+            pipe.unload_textual_inversion()
+            raise ModelError(f"embedding {Path(path).name} could not be loaded: {_first_line(exc)}") from None
+
+    @contextlib.contextmanager
+    def training_copy(self, name: str) -> Iterator[object]:
+        """A fresh float32 copy of model `name` on the device, to train, held on the lane.
+
+        The cache is emptied first (training wants the memory); the copy is dropped after
+        the block, so nothing the training did reaches the pipelines that generate."""
+        import torch
+
+        with self.lane:
+            spec = self.resolve(name)
+            if spec.kind != "pipeline":
+                raise ModelError(f"{spec.name} is a {spec.kind}; train on a base model")
+            self.clear()
+            pipe = self._load(spec, dtype=torch.float32)
+            family = spec.family if spec.family != "unknown" else family_of_pipe(pipe)
+            if family != "sd":
+                raise ModelError(f"the trainer takes SD 1.x / 2.x models; {spec.name} is {family}")
+            pipe.to(self.device)
+            pipe.set_progress_bar_config(disable=True)
+            try:
+                yield pipe
+            finally:
+                del pipe
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     def _apply_loras(self, pipe, family: str, loras: tuple[LoraRef, ...]) -> None:
         names, weights = [], []

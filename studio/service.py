@@ -7,6 +7,7 @@ Nothing is opened or probed until first used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from .jobs import JobContext, JobRunner
 from .models import ModelManager
 from .pngmeta import format_infotext
 from .settings import SettingsError
+from .training.settings import TrainingSettings
 
 DEFAULT_DATA_DIR = Path("data")
 
@@ -78,6 +80,8 @@ class Studio:
         self.default_model = default_model
         self._gallery: Gallery | None = None
         self._jobs: JobRunner | None = None
+        if self.models.user_dir is None:  # where trained LoRAs, embeddings and models go
+            self.models.user_dir = self.paths.db.parent / "library"
 
     @property
     def gallery(self) -> Gallery:
@@ -281,6 +285,46 @@ class Studio:
             return None
         image = latents_to_rgb(latents[:1], factors)[0]
         return image.resize((image.width * 8, image.height * 8))
+
+    def start_training(self, settings: TrainingSettings, *, out_dir: Path | None = None) -> int:
+        """Train as a job (kind "training"); its id. Given the folder of an earlier run, the
+        job continues from that run's newest checkpoint. Its result names the output (a LoRA,
+        an embedding or a model folder), which the catalog lists at once."""
+        self.models.resolve(settings.model)
+        if not Path(settings.images).expanduser().is_dir():
+            raise SettingsError(f"training images: {settings.images} is not a folder")
+
+        def work(ctx: JobContext) -> dict:
+            from .training import trainer
+
+            return trainer.run(settings, self.models, ctx)
+
+        return self.jobs.submit("training", settings, work, out_dir=out_dir)
+
+    def collect_training_uploads(self, files: list) -> Path:
+        """Uploaded pictures (and captions) copied into a folder of their own, to train on."""
+        from .training.uploads import collect_uploads
+
+        return collect_uploads(files, self.paths.db.parent / "uploads")
+
+    def training_samples(self, state) -> list:
+        """A training job's sample rows as (picture, "step N"), newest first."""
+        from PIL import Image
+
+        shown = []
+        for path in reversed(state.samples):
+            with contextlib.suppress(OSError):
+                shown.append((Image.open(path).convert("RGB"), f"step {int(Path(path).stem.split('-')[-1])}"))
+        return shown
+
+    def resume_training(self, job_id: int) -> int:
+        """A new job that continues the stopped training job `job_id` in its folder."""
+        state = self.jobs.get(job_id)
+        if state.kind != "training":
+            raise SettingsError(f"job #{job_id} is an {state.kind} job, not a training run")
+        if state.status not in ("cancelled", "interrupted", "failed"):
+            raise SettingsError(f"job #{job_id} is {state.status}; only a stopped run can be resumed")
+        return self.start_training(TrainingSettings.from_dict(state.settings), out_dir=Path(state.out_dir))
 
     def close(self) -> None:
         if self._jobs is not None:

@@ -125,6 +125,8 @@ def _coerce(name: str, value, hint):
 
 
 def check_prompt(name: str, text: str, *, required: bool) -> None:
+    if not isinstance(text, str):
+        raise SettingsError(f"{name} must be text")
     if required and not text.strip():
         raise SettingsError(f"{name} is empty: describe the picture you want")
     if len(text) > MAX_PROMPT_CHARS:

@@ -141,7 +141,8 @@ def run(
     # 1. Resolve the model and fill unset settings from its defaults.
     s, family = resolve(settings, models)
     started = time.perf_counter()
-    with models.lend(s.model, "txt2img", loras=s.loras) as pipe:
+    embeddings = models.embeddings_for(s.prompt, s.negative_prompt)
+    with models.lend(s.model, "txt2img", loras=s.loras, embeddings=embeddings) as pipe:
         # Models outside the catalog default to the size their denoiser was trained at.
         native = native_size(pipe)
         s = s.replace(width=s.width or native, height=s.height or native)

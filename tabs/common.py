@@ -29,6 +29,7 @@ TAB_IDS = {
     "p2p": "p2p",
     "controlnet": "controlnet",
     "evaluate": "evaluation",
+    "train": "trainer",
     "ip_adapter": "ip_adapter",
 }
 
@@ -152,3 +153,26 @@ def share_link(request: gr.Request | None, settings) -> str:
 
 def _session(request: gr.Request | None) -> str:
     return request.session_hash if request else ""
+
+
+# ---------------------------------------------------------------------------- jobs on a page
+
+
+def progress_bar(fraction: float) -> str:
+    return (
+        f'<progress value="{fraction:.3f}" max="1" style="width: 85%"></progress> '
+        f"<span>{round(100 * fraction)}%</span>"
+    )
+
+
+def table_value(headers: list[str], rows: list[list]) -> dict:
+    return {"headers": headers, "data": rows or [[""] * len(headers)]}
+
+
+def row_id(evt: gr.SelectData) -> int | None:
+    """The id in the first column of a picked table row (None for the empty table's row)."""
+    value = (evt.row_value or [None])[0]
+    try:
+        return int(value) if float(value) == int(float(value)) else None
+    except (TypeError, ValueError):
+        return None

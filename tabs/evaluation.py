@@ -29,7 +29,7 @@ from studio.models import PIPELINES
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 
-from .common import GPU_LANE, Bus, user_errors
+from .common import GPU_LANE, Bus, progress_bar, row_id, table_value, user_errors
 from .txt2img import MODEL_DEFAULT, _whole
 
 AXIS_EXAMPLES = {"guidance": "1, 3, 5, 7", "steps": "10, 25", "scheduler": "DDIM, Euler, UniPC"}
@@ -80,28 +80,8 @@ def _given(value, default):
     return default if value is None else value
 
 
-def progress_bar(fraction: float) -> str:
-    return (
-        f'<progress value="{fraction:.3f}" max="1" style="width: 85%"></progress> '
-        f"<span>{round(100 * fraction)}%</span>"
-    )
-
-
-def table_value(headers: list[str], rows: list[list]) -> dict:
-    return {"headers": headers, "data": rows or [[""] * len(headers)]}
-
-
 def notes_text(notes) -> str:
     return "\n".join(f"- ⚠️ {note}" for note in notes)
-
-
-def row_id(evt: gr.SelectData) -> int | None:
-    """The id in the first column of a picked table row (None for the empty table's row)."""
-    value = (evt.row_value or [None])[0]
-    try:
-        return int(value) if float(value) == int(float(value)) else None
-    except (TypeError, ValueError):
-        return None
 
 
 def build(studio, bus: Bus) -> EvaluationTab:

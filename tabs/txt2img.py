@@ -113,6 +113,13 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
                 lines=2,
                 placeholder="lcm-lora-sdv1-5:1.0  or  /path/to/lora.safetensors:0.8, one a line",
             )
+            with gr.Row():
+                add_lora = gr.Dropdown(
+                    [], value=None, label="Add a LoRA (catalog and trained here)", elem_id="t2i-add-lora"
+                )
+                add_word = gr.Dropdown(
+                    [], value=None, label="Add a trained word (textual inversion)", elem_id="t2i-add-word"
+                )
             with gr.Accordion("Family options (SDXL, SD3, FLUX)", open=False):
                 shift = gr.Number(value=None, label="Flow-matching shift (SD3 / FLUX; empty: the model's)")
                 with gr.Row():
@@ -287,6 +294,28 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
             "duration_s": result.duration_s,
             "settings": [item.settings for item in items],
         }
+
+    def lora_choices():
+        return gr.Dropdown(choices=[spec.name for spec in studio.models.loras()], value=None)
+
+    def word_choices():
+        return gr.Dropdown(choices=list(studio.models.embeddings()), value=None)
+
+    def append_lora(name, text):
+        if not name:
+            return gr.skip(), gr.skip()
+        return "\n".join(filter(None, [(text or "").strip(), f"{name}:1.0"])), None
+
+    def append_word(word, text):
+        if not word:
+            return gr.skip(), gr.skip()
+        return f"{(text or '').rstrip()} {word}".strip(), None
+
+    # the lists are read when opened, so what the Trainer just made is there
+    add_lora.focus(lora_choices, None, add_lora, api_visibility="private", queue=False)
+    add_word.focus(word_choices, None, add_word, api_visibility="private", queue=False)
+    add_lora.input(append_lora, [add_lora, loras], [loras, add_lora], api_visibility="private", queue=False)
+    add_word.input(append_word, [add_word, prompt], [prompt, add_word], api_visibility="private", queue=False)
 
     # .input, not .change: only a model the user picks brings its defaults; restored settings
     # (share links, the gallery's "Restore settings") set the model and keep their own values

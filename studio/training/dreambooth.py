@@ -1,0 +1,64 @@
+"""DreamBooth (Ruiz et al. 2023, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for
+Subject-Driven Generation").
+
+The whole UNet is fine-tuned on the instance pictures under a rare word ("a sks shape").
+Prior preservation (eq. 2) adds λ·‖ε̂(z_t', t', c_pr) − ε'‖² on pictures the base model made
+of the class ("a shape"), so the class keeps its meaning (no language drift). Those class
+pictures are generated once per (model, class prompt, resolution, seed) and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .settings import TrainingSettings
+
+CLASS_BATCH = 8
+
+
+def prepare(pipe, s: TrainingSettings) -> tuple[list, None]:
+    pipe.text_encoder.requires_grad_(s.train_text_encoder)
+    pipe.unet.requires_grad_(True)
+    modules = [pipe.unet] + ([pipe.text_encoder] if s.train_text_encoder else [])
+    return [p for m in modules for p in m.parameters()], None
+
+
+def save(pipe, s: TrainingSettings, folder: Path) -> Path:
+    """The whole fine-tuned pipeline as a diffusers folder `folder/<name>`."""
+    target = folder / s.output_name
+    pipe.save_pretrained(target, safe_serialization=True)
+    return target
+
+
+def class_pictures(
+    pipe, s: TrainingSettings, source: str, resolution: int, cache: Path, defaults: dict, report
+) -> list:
+    """`s.class_images` pictures of `s.class_prompt` by the base model (before any training
+    patch), read from `cache` where an earlier run made them."""
+    key = hashlib.sha256(f"{source}|{s.class_prompt}|{resolution}|{s.seed}".encode()).hexdigest()[:16]
+    folder = cache / key
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompt.txt").write_text(f"{source}\n{s.class_prompt}\n")
+    pictures = []
+    for start in range(0, s.class_images, CLASS_BATCH):
+        indices = range(start, min(start + CLASS_BATCH, s.class_images))
+        missing = [i for i in indices if not (folder / f"{i:04d}.png").is_file()]
+        if missing:
+            generators = [torch.Generator().manual_seed(s.seed * 100_003 + i) for i in missing]
+            images = pipe(
+                [s.class_prompt] * len(missing),
+                num_inference_steps=defaults.get("steps", 25),
+                guidance_scale=defaults.get("guidance", 7.5),
+                width=resolution,
+                height=resolution,
+                generator=generators,
+            ).images
+            for i, image in zip(missing, images, strict=True):
+                image.save(folder / f"{i:04d}.png")
+        pictures += [Image.open(folder / f"{i:04d}.png").convert("RGB") for i in indices]
+        report(len(pictures), s.class_images)
+    return pictures

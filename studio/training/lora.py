@@ -1,0 +1,58 @@
+"""LoRA (Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+Each targeted linear layer W gets a trainable low-rank update, W' = W + (α/r)·B·A (eq. 3),
+A ∈ R^{r×k} Gaussian, B ∈ R^{d×r} zero, so training starts from the base model exactly.
+With `prior_preservation` the same adapters are trained DreamBooth's way (LoRA-DreamBooth).
+Saved as diffusers/peft safetensors that `load_lora_weights` reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..settings import SettingsError
+from .settings import TrainingSettings
+
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def prepare(pipe, s: TrainingSettings) -> tuple[list, None]:
+    """Add the adapters; only their weights train."""
+    from peft import LoraConfig
+
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    config = LoraConfig(
+        r=s.rank, lora_alpha=s.alpha, init_lora_weights="gaussian", target_modules=list(s.targets)
+    )
+    try:
+        pipe.unet.add_adapter(config)
+    except ValueError as exc:
+        raise SettingsError(
+            f"LoRA targets {', '.join(s.targets)} match no layer of the UNet ({exc})"
+        ) from None
+    modules = [pipe.unet]
+    if s.train_text_encoder:
+        pipe.text_encoder.add_adapter(
+            LoraConfig(
+                r=s.rank, lora_alpha=s.alpha, init_lora_weights="gaussian", target_modules=TEXT_TARGETS
+            )
+        )
+        modules.append(pipe.text_encoder)
+    return [p for m in modules for p in m.parameters() if p.requires_grad], None
+
+
+def save(pipe, s: TrainingSettings, folder: Path) -> Path:
+    """`folder/<name>.safetensors` in the diffusers LoRA layout (unet.* / text_encoder.* keys)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))}
+    if s.train_text_encoder:
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(pipe.text_encoder)
+        )
+    name = f"{s.output_name}.safetensors"
+    StableDiffusionPipeline.save_lora_weights(folder, weight_name=name, safe_serialization=True, **layers)
+    return folder / name
