@@ -6,6 +6,8 @@
     python -m studio ip2p --image in.png --instruction "make the circle blue" --out out.png
     python -m studio p2p --prompt "a red circle" --edit-prompt "a red square" --mode replace --out-dir p2p/
     python -m studio controlnet --controlnet toy-sd-controlnet-canny --image in.png --prompt "a red circle" --out out.png
+    python -m studio ip-adapter --adapter toy-ip-adapter --reference ref.png --prompt "a shape on the left" --out out.png
+    python -m studio instantid --model sdxl-base --face face.jpg --prompt "a portrait, oil painting" --out out.png
     python -m studio train --method lora --images stars/ --instance-prompt "a sks shape" --out runs/star
     python -m studio models
 
@@ -64,6 +66,17 @@ def control_arg(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
+
+
+def adapter_arg(text: str) -> tuple[str, float | None]:
+    """NAME[:SCALE]; None when no scale is given (then --scale applies)."""
+    name, sep, scale = text.rpartition(":")
+    if sep and name:
+        try:
+            return name, float(scale)
+        except ValueError:
+            pass
+    return text, None
 
 
 def preprocessor_names() -> list[str]:
@@ -191,6 +204,64 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="PATH[:WEIGHT]")
     c.add_argument("--out", type=Path, required=True, help="output PNG (the maps go beside it)")
     c.add_argument("--no-gallery", action="store_true", help="do not store into the gallery")
+
+    i = sub.add_parser("ip-adapter", help="text to image with image prompts (IP-Adapter)", parents=[common])
+    i.add_argument("--model", default="toy-sd")
+    i.add_argument(
+        "--adapter",
+        type=adapter_arg,
+        action="append",
+        required=True,
+        metavar="NAME[:SCALE]",
+        help="an IP-Adapter (catalog name, folder, .safetensors, hub file); repeat for several",
+    )
+    i.add_argument(
+        "--reference",
+        type=Path,
+        action="append",
+        required=True,
+        help="a reference picture; repeat for several (one adapter reads them all; several: one each)",
+    )
+    i.add_argument("--scale", type=float, help="λ of the adapters given without :SCALE (default 1)")
+    i.add_argument(
+        "--mask", type=Path, action="append", default=[], help="a mask per adapter: white where it acts"
+    )
+    i.add_argument("--prompt", required=True)
+    i.add_argument("--negative-prompt", default="")
+    i.add_argument("--seed", type=int)
+    i.add_argument("--steps", type=int)
+    i.add_argument("--guidance", type=float)
+    i.add_argument("--width", type=int)
+    i.add_argument("--height", type=int)
+    i.add_argument("--scheduler")
+    i.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="PATH[:WEIGHT]")
+    i.add_argument("--out", type=Path, required=True, help="output PNG")
+    i.add_argument("--no-gallery", action="store_true", help="do not store into the gallery")
+
+    f = sub.add_parser(
+        "instantid", help="identity-preserving SDXL from a face picture (InstantID)", parents=[common]
+    )
+    f.add_argument("--model", default="sdxl-base")
+    f.add_argument("--face", type=Path, required=True, help="a photo with a visible face")
+    f.add_argument("--prompt", required=True)
+    f.add_argument("--negative-prompt", default="")
+    f.add_argument("--identity-scale", type=float, default=0.8)
+    f.add_argument("--keypoint-scale", type=float, default=0.8)
+    f.add_argument("--seed", type=int)
+    f.add_argument("--steps", type=int)
+    f.add_argument("--guidance", type=float)
+    f.add_argument("--width", type=int)
+    f.add_argument("--height", type=int)
+    f.add_argument("--scheduler")
+    f.add_argument("--out", type=Path, required=True, help="output PNG (the keypoint map goes beside it)")
+    f.add_argument("--no-gallery", action="store_true", help="do not store into the gallery")
+
+    k = sub.add_parser(
+        "convert-ip-adapter",
+        help="convert a published IP-Adapter .bin (InstantID's ip-adapter.bin) to safetensors, weights only",
+        parents=[common],
+    )
+    k.add_argument("file", type=Path)
 
     v = sub.add_parser(
         "evaluate", help="score models (or pictures) by FID, CLIP-Score, toy GenEval", parents=[common]
@@ -450,6 +521,75 @@ def controlnet_command(args, studio) -> int:
     return _write_one(args.out, result, items)
 
 
+def ip_adapter_command(args, studio) -> int:
+    """One image to --out; the references (and masks) are stored as its parents in the gallery."""
+    from .ip_adapter import IPAdapterSettings, IPAdapterUnit
+
+    n, refs = len(args.adapter), len(args.reference)
+    if n > 1 and refs != n:
+        raise CliError(f"{n} --adapter but {refs} --reference: with several adapters give one reference each")
+    if args.mask and len(args.mask) != n:
+        raise CliError(f"{n} --adapter but {len(args.mask)} --mask: give one mask for each adapter, or none")
+    default_scale = 1.0 if args.scale is None else args.scale
+    units = tuple(
+        IPAdapterUnit(
+            adapter=name,
+            scale=default_scale if scale is None else scale,
+            references=refs if n == 1 else 1,
+            masked=bool(args.mask),
+        )
+        for name, scale in args.adapter
+    )
+    settings = IPAdapterSettings(
+        prompt=args.prompt,
+        model=args.model,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+        loras=tuple(args.lora),
+        units=units,
+    )
+    result, items = studio.ip_adapter(settings, args.reference, args.mask, store=not args.no_gallery)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return _write_one(args.out, result, items)
+
+
+def instantid_command(args, studio) -> int:
+    from .instantid import InstantIDSettings
+
+    settings = InstantIDSettings(
+        prompt=args.prompt,
+        model=args.model,
+        negative_prompt=args.negative_prompt,
+        identity_scale=args.identity_scale,
+        keypoint_scale=args.keypoint_scale,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+    )
+    result, items = studio.instantid(settings, args.face, store=not args.no_gallery)
+    path = args.out.with_suffix(".keypoints.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.figures["face keypoints"].save(path)
+    print(path)
+    return _write_one(args.out, result, items)
+
+
+def convert_ip_adapter_command(args, studio) -> int:
+    from .instantid import convert_ip_adapter
+
+    print(convert_ip_adapter(args.file))
+    return 0
+
+
 def evaluate_command(args, studio) -> int:
     """results.json (one key per metric) and one PNG per figure in --out-dir."""
     import json
@@ -653,6 +793,9 @@ def main(argv=None) -> int:
         "ip2p": edit_command,
         "p2p": p2p_command,
         "controlnet": controlnet_command,
+        "ip-adapter": ip_adapter_command,
+        "instantid": instantid_command,
+        "convert-ip-adapter": convert_ip_adapter_command,
         "convert-annotator": convert_annotator_command,
         "evaluate": evaluate_command,
         "train": train_command,

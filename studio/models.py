@@ -65,6 +65,8 @@ CLASS_FAMILY = {
 FLOW_FAMILIES = ("sd3", "flux")
 CONTROL_KINDS = ("controlnet", "t2i-adapter")  # modules a pipeline borrows for structure control
 CONTROL_CLASSES = {"ControlNetModel": "controlnet", "T2IAdapter": "t2i-adapter"}
+IP_ADAPTER_KIND = "ip-adapter"  # image-prompt adapters (IP-Adapter, InstantID's identity adapter)
+IP_ADAPTER_TASKS = ("txt2img", "img2img", "controlnet")
 
 
 class ModelError(ValueError):
@@ -115,6 +117,9 @@ def load_catalog(path: Path = CATALOG_PATH) -> dict[str, ModelSpec]:
                 "latent_rgb",
                 "image_guidance",
                 "preprocessor",
+                "subfolder",
+                "weight_name",
+                "image_encoder",
             )
             if k in e
         }
@@ -511,6 +516,7 @@ class ModelManager:
         attn_processors: dict | object | None = None,
         controls: tuple[str, ...] = (),
         embeddings: tuple[str, ...] = (),
+        ip_adapters: tuple[str, ...] = (),
     ) -> Iterator[object]:
         """A pipeline for `task` on model `name`, held on the lane for the block.
 
@@ -521,6 +527,10 @@ class ModelManager:
         "controlnet" and "t2i-adapter", `controls` names the ControlNets or T2I-Adapters the
         pipeline borrows (several: diffusers' Multi* wrapper), each cached like a model.
         `embeddings` are textual-inversion files whose words the prompt may use.
+        `ip_adapters` names IP-Adapters (catalog names, folders, .safetensors files, hub files)
+        loaded into the UNet with `load_ip_adapter`, one image-embedding list entry each, their
+        image encoder lent with the pipeline; the UNet's processors and image projection are
+        put back as they were when the block ends.
         """
         with self.lane:
             base = self.base(name)
@@ -529,19 +539,29 @@ class ModelManager:
             cls = self._pipeline_class(family, task)
             _check_task(spec, base, task)
             extra = self._control_components(task, controls, family, spec.name, getattr(base, "unet", None))
+            adapters = self._ip_adapter_components(
+                task, ip_adapters, family, spec.name, base, attn_processors
+            )
+            if adapters:
+                extra.update(adapters["components"])
             pipe = base if type(base) is cls and not extra else cls.from_pipe(base, **extra)
             pipe.set_progress_bar_config(disable=True)
             denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
             saved_processors = dict(denoiser.attn_processors) if attn_processors is not None else None
+            saved_ip = _ip_state(denoiser) if adapters else None
             try:
                 if loras:
                     self._apply_loras(pipe, family, loras)
                 if embeddings:
                     self._apply_embeddings(pipe, embeddings)
+                if adapters:
+                    self._apply_ip_adapters(pipe, adapters["weights"], ip_adapters)
                 if attn_processors is not None:
                     denoiser.set_attn_processor(attn_processors)
                 yield pipe
             finally:
+                if saved_ip is not None:
+                    _restore_ip_state(denoiser, saved_ip)
                 if loras:
                     pipe.unload_lora_weights()
                 if embeddings:
@@ -639,6 +659,186 @@ class ModelManager:
             }
         return {"adapter": modules[0] if len(modules) == 1 else diffusers.MultiAdapter(modules)}
 
+    # ------------------------------------------------------------------ IP-Adapters
+
+    def ip_adapters(self) -> list[ModelSpec]:
+        return [s for s in self.catalog.values() if s.kind == IP_ADAPTER_KIND]
+
+    def resolve_ip_adapter(self, name: str) -> ModelSpec:
+        """An IP-Adapter: a catalog name, a folder holding one adapter .safetensors (and maybe
+        `image_encoder/`), such a file, or a hub file `org/repo/[sub/]file.safetensors`.
+        `defaults` carry subfolder, weight_name and image_encoder (a folder, or None)."""
+        if not isinstance(name, str) or not name.strip():
+            raise ModelError("no IP-Adapter given")
+        name = name.strip()
+        if name in self.catalog:
+            spec = self.catalog[name]
+            if spec.kind != IP_ADAPTER_KIND:
+                raise ModelError(f"{name} is a {spec.kind}, not an IP-Adapter")
+            return spec
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise ModelError(
+                f"{Path(name).name} is a pickle, which can run arbitrary code when loaded; convert it once "
+                f"with `python -m studio convert-ip-adapter {name}` (weights only) and use the .safetensors"
+            )
+        path = Path(name).expanduser()
+        if path.is_dir():
+            files = [f for f in sorted(path.glob("*.safetensors")) if _is_ip_adapter_file(f)]
+            if len(files) != 1:
+                found = "none" if not files else ", ".join(f.name for f in files)
+                raise ModelError(
+                    f"{path} should hold exactly one IP-Adapter .safetensors (image_proj.* and ip_adapter.* "
+                    f"tensors); found {found}: name the file instead"
+                )
+            path = files[0]
+        if path.is_file():
+            if path.suffix != ".safetensors" or not _is_ip_adapter_file(path):
+                raise ModelError(
+                    f"{path.name} is not an IP-Adapter .safetensors (no image_proj.* / ip_adapter.* tensors)"
+                )
+            encoder = path.parent / "image_encoder"
+            defaults = {"weight_name": path.name, "image_encoder": str(encoder) if encoder.is_dir() else None}
+            return ModelSpec(str(path), str(path.parent), "unknown", IP_ADAPTER_KIND, defaults=defaults)
+        parts = name.split("/")
+        if len(parts) >= 3 and parts[-1].endswith(".safetensors") and _looks_like_hub_id("/".join(parts[:2])):
+            sub = "/".join(parts[2:-1])
+            defaults = {
+                "subfolder": sub,
+                "weight_name": parts[-1],
+                "image_encoder": f"{sub}/image_encoder" if sub else "image_encoder",
+            }
+            return ModelSpec(name, "/".join(parts[:2]), "unknown", IP_ADAPTER_KIND, defaults=defaults)
+        raise ModelError(
+            f"unknown IP-Adapter {name!r}: not in the catalog "
+            f"({', '.join(s.name for s in self.ip_adapters())}), not a folder or .safetensors file, and "
+            "not a hub file like h94/IP-Adapter/models/ip-adapter_sd15.safetensors"
+        )
+
+    def ip_adapter_weights(self, name: str) -> tuple[dict, ModelSpec]:
+        """The adapter's tensors as load_ip_adapter's dict {"image_proj": ..., "ip_adapter": ...},
+        cached; read from safetensors only."""
+        spec = self.resolve_ip_adapter(name)
+        d = spec.defaults
+        key = f"{IP_ADAPTER_KIND}:{spec.source}/{d.get('subfolder') or ''}/{d['weight_name']}"
+        with self.lane:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key], spec
+            from safetensors import safe_open
+
+            path = self._ip_adapter_file(spec)
+            weights: dict = {"image_proj": {}, "ip_adapter": {}}
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    group, _, rest = k.partition(".")
+                    if group in weights:
+                        weights[group][rest] = f.get_tensor(k)
+            size = sum(t.numel() * t.element_size() for g in weights.values() for t in g.values())
+            self._make_room(size)
+            self._cache[key] = weights
+            self._sizes[key] = size
+            return weights, spec
+
+    def _ip_adapter_file(self, spec: ModelSpec) -> Path:
+        d = spec.defaults
+        if spec.local:
+            path = Path(spec.source) / (d.get("subfolder") or "") / d["weight_name"]
+            if not path.is_file():
+                raise ModelError(f"IP-Adapter {spec.name!r}: {path} is missing")
+            return path
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(spec.source, d["weight_name"], subfolder=d.get("subfolder") or None))
+        except Exception as exc:
+            raise ModelError(_load_failure(spec, exc)) from None
+
+    def image_encoder(self, spec: ModelSpec, family: str):
+        """(CLIPVisionModelWithProjection, CLIPImageProcessor) of an adapter, cached; None when
+        the adapter reads no CLIP image (InstantID's face embeddings)."""
+        folder = spec.defaults.get("image_encoder")
+        if not folder:
+            return None
+        local = spec.local or Path(folder).is_dir()
+        source, sub = (folder, None) if Path(folder).is_dir() else (spec.source, folder)
+        key = f"image-encoder:{source}/{sub or ''}"
+        with self.lane:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+            kwargs = {"subfolder": sub} if sub else {}
+            try:
+                encoder = CLIPVisionModelWithProjection.from_pretrained(
+                    source,
+                    dtype=self.dtype_for(family),
+                    use_safetensors=True,
+                    local_files_only=local,
+                    **kwargs,
+                )
+                try:
+                    processor = CLIPImageProcessor.from_pretrained(source, local_files_only=local, **kwargs)
+                except OSError:  # no preprocessor_config.json: CLIP's own, at the encoder's size
+                    side = encoder.config.image_size
+                    processor = CLIPImageProcessor(size=side, crop_size=side)
+            except (OSError, ValueError) as exc:
+                raise ModelError(
+                    f"the image encoder of IP-Adapter {spec.name!r} ({source}{'/' + sub if sub else ''}) "
+                    f"could not be loaded: {_first_line(exc)}"
+                ) from None
+            encoder.to(self.device).eval()
+            size = sum(t.numel() * t.element_size() for t in encoder.parameters())
+            self._make_room(size)
+            self._cache[key] = (encoder, processor)
+            self._sizes[key] = size
+            return encoder, processor
+
+    def _ip_adapter_components(
+        self, task: str, names: tuple[str, ...], family: str, model: str, base, attn_processors
+    ) -> dict:
+        """The adapters' tensors, checked against the base UNet, and their one image encoder."""
+        if not names:
+            return {}
+        if task not in IP_ADAPTER_TASKS:
+            raise ModelError(f"IP-Adapters work with text-to-image, img2img and ControlNet runs, not {task}")
+        if attn_processors is not None:
+            raise ModelError("IP-Adapters and lent attention processors can't be combined in one run")
+        unet = getattr(base, "unet", None)
+        if unet is None or family not in ("sd", "sdxl"):
+            raise ModelError(
+                f"IP-Adapters are for SD 1.x / 2.x and SDXL models; {model} is {FAMILY_NAMES.get(family, family)}"
+            )
+        weights, encoders = [], []
+        for name in names:
+            spec = self.resolve_ip_adapter(name)
+            if spec.family not in ("unknown", family):
+                raise ModelError(
+                    f"IP-Adapter {spec.name} is for {FAMILY_NAMES[spec.family]} models, "
+                    f"but {model} is {FAMILY_NAMES[family]}"
+                )
+            w, spec = self.ip_adapter_weights(name)
+            _check_ip_fits(w, unet, spec.name, model)
+            weights.append(w)
+            encoders.append(self.image_encoder(spec, family))
+        if len({id(e) for e in encoders}) > 1:
+            raise ModelError("these IP-Adapters read different image encoders; run them one at a time")
+        components = {}
+        if encoders[0] is not None:
+            components = {"image_encoder": encoders[0][0], "feature_extractor": encoders[0][1]}
+        return {"weights": weights, "components": components}
+
+    def _apply_ip_adapters(self, pipe, weights: list[dict], names: tuple[str, ...]) -> None:
+        n = len(weights)
+        dtype = pipe.unet.dtype
+        cast = [{g: {k: v.to(dtype) for k, v in w[g].items()} for g in w} for w in weights]
+        try:
+            pipe.load_ip_adapter(cast, subfolder=[""] * n, weight_name=[""] * n, image_encoder_folder=None)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(
+                f"IP-Adapter {', '.join(names)} could not be applied: {_first_line(exc)}"
+            ) from None
+
     def _apply_embeddings(self, pipe, paths: tuple[str, ...]) -> None:
         try:
             for path in paths:
@@ -714,6 +914,35 @@ class ModelManager:
         if _looks_like_hub_id(source):
             return source, None
         raise ModelError(f"LoRA {source!r} not found: give a catalog name, a .safetensors file or a folder")
+
+
+def _is_ip_adapter_file(path: Path) -> bool:
+    keys = safetensors_keys(path)
+    return any(k.startswith("image_proj.") for k in keys) and any(k.startswith("ip_adapter.") for k in keys)
+
+
+def _check_ip_fits(weights: dict, unet, name: str, model: str) -> None:
+    """An adapter's W'_k must read the UNet's cross-attention width, one pair per attn2 layer."""
+    keys = sorted(k for k in weights["ip_adapter"] if k.endswith("to_k_ip.weight"))
+    layers = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    width = weights["ip_adapter"][keys[0]].shape[1] if keys else None
+    if width != unet.config.cross_attention_dim or len(keys) != len(layers):
+        raise ModelError(
+            f"IP-Adapter {name} was made for another base model (cross-attention width {width}, {len(keys)} layers; "
+            f"{model} has {unet.config.cross_attention_dim}, {len(layers)}): pick an adapter for this model"
+        )
+
+
+def _ip_state(unet) -> tuple:
+    """What load_ip_adapter changes on a UNet: its processors, image projection and hid-dim type."""
+    return dict(unet.attn_processors), unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
+
+
+def _restore_ip_state(unet, state: tuple) -> None:
+    processors, projection, kind = state
+    unet.set_attn_processor(processors)
+    unet.encoder_hid_proj = projection
+    unet.config.encoder_hid_dim_type = kind
 
 
 def _check_task(spec: ModelSpec, pipe, task: str) -> None:

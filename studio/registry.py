@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from .controlnet import ControlNetSettings
 from .evaluate import EvaluationSettings
+from .instantid import InstantIDSettings
 from .ip2p import InstructPix2PixSettings
+from .ip_adapter import IPAdapterSettings
 from .p2p import PromptToPromptSettings
 from .sdedit import SDEditSettings
 from .settings import Settings, SettingsError
@@ -18,6 +20,8 @@ SETTINGS_TYPES: dict[str, type[Settings]] = {
         InstructPix2PixSettings,
         PromptToPromptSettings,
         ControlNetSettings,
+        IPAdapterSettings,
+        InstantIDSettings,
         EvaluationSettings,
     )
 }

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import controlnet, evaluate, ip2p, p2p, sdedit, txt2img
+from . import controlnet, evaluate, instantid, ip2p, ip_adapter, p2p, sdedit, txt2img
 from .gallery import Gallery, GalleryError, GalleryItem
 from .images import open_image
 from .jobs import JobContext, JobRunner
@@ -172,6 +172,129 @@ class Studio:
                 units[i] = dataclasses.replace(unit, map_id=item.id)
         result.settings = result.settings.replace(units=tuple(units))
         return result, self.store(result, parent_id=units[0].map_id)
+
+    def ip_adapter(
+        self,
+        settings: ip_adapter.IPAdapterSettings,
+        references=None,
+        masks=None,
+        *,
+        on_step=None,
+        store: bool = True,
+    ):
+        """Generate with image prompts. `references` are pictures (paths, bytes, files or PIL):
+        one for every reference of every unit, or one for every reference of the units without
+        stored ones (`reference_ids`), in order. `masks` likewise: one per masked unit, or one per
+        masked unit without a stored `mask_id`. New references and masks are stored (techniques
+        "reference" and "ip mask") and named in the recorded settings; the images are children
+        of the first reference, so restoring the settings remakes them."""
+        units = list(settings.units)
+        # 1. The pictures of each unit: uploads, else its stored references (an identical upload keeps the ids).
+        given = list(references or [])
+        if len(given) == settings.reference_count:
+            open_units = list(range(len(units)))
+        else:
+            open_units = [i for i, u in enumerate(units) if not u.reference_ids]
+            wanted = sum(units[i].references for i in open_units)
+            if len(given) != wanted:
+                raise SettingsError(
+                    f"the IP-Adapters read {settings.reference_count} reference picture(s), {wanted} of them "
+                    f"without a stored picture, but {len(given)} were given"
+                )
+        pictures: list = []
+        for i, unit in enumerate(units):
+            if i in open_units:
+                mine = [open_image(p) for p in given[: unit.references]]
+                given = given[unit.references :]
+                stored = [self._source_item(r) for r in unit.reference_ids]
+                if not stored or not all(
+                    _same_pixels(p, it.image_path) for p, it in zip(mine, stored, strict=True)
+                ):
+                    units[i] = dataclasses.replace(unit, reference_ids=())
+            else:
+                mine = [open_image(self._source_item(r).image_path) for r in unit.reference_ids]
+            pictures += mine
+        # 2. The masks: uploads for the masked units without a stored one (or for all masked units).
+        given_masks = list(masks or [])
+        masked = [i for i, u in enumerate(units) if u.masked]
+        open_masks = (
+            masked if len(given_masks) == len(masked) else [i for i in masked if units[i].mask_id is None]
+        )
+        if len(given_masks) != len(open_masks):
+            raise SettingsError(
+                f"{len(masked)} masked IP-Adapter(s), {len(open_masks)} without a stored mask, "
+                f"but {len(given_masks)} mask picture(s)"
+            )
+        mask_pictures = [None] * len(units)
+        for i in masked:
+            if i in open_masks:
+                mask_pictures[i] = open_image(given_masks.pop(0))
+                if units[i].mask_id is not None and not _same_pixels(
+                    mask_pictures[i], self._source_item(units[i].mask_id).image_path
+                ):
+                    units[i] = dataclasses.replace(units[i], mask_id=None)
+            else:
+                mask_pictures[i] = open_image(self._source_item(units[i].mask_id).image_path)
+        # 3. Run first: a refused or cancelled run stores nothing.
+        s = settings.replace(units=tuple(units))
+        result = ip_adapter.run(s, pictures, self.models, masks=mask_pictures, on_step=on_step)
+        if not store:
+            return result, []
+        # 4. Store the new references and masks, then the images as the first reference's children.
+        flat = iter(pictures)
+        for i, unit in enumerate(units):
+            mine = [next(flat) for _ in range(unit.references)]
+            if not unit.reference_ids:
+                ids = tuple(
+                    self.gallery.add(
+                        p,
+                        technique=ip_adapter.REFERENCE_TECHNIQUE,
+                        model=unit.adapter,
+                        prompt="reference",
+                        settings={},
+                    ).id
+                    for p in mine
+                )
+                units[i] = unit = dataclasses.replace(unit, reference_ids=ids)
+            if unit.masked and unit.mask_id is None:
+                item = self.gallery.add(
+                    mask_pictures[i],
+                    technique=ip_adapter.MASK_TECHNIQUE,
+                    model=unit.adapter,
+                    prompt="mask",
+                    settings={},
+                )
+                units[i] = dataclasses.replace(unit, mask_id=item.id)
+        result.settings = result.settings.replace(units=tuple(units))
+        return result, self.store(result, parent_id=units[0].reference_ids[0])
+
+    def instantid(
+        self,
+        settings: instantid.InstantIDSettings,
+        face=None,
+        *,
+        analyser=None,
+        on_step=None,
+        store: bool = True,
+    ):
+        """InstantID from a face picture (or the gallery item `settings.face_id`); the face is
+        stored (technique "face") as the images' parent, its keypoint map is in `figures`."""
+        stored = self._source_item(settings.face_id) if settings.face_id is not None else None
+        if face is None and stored is None:
+            raise SettingsError("no face picture: upload one, or send one from the gallery")
+        picture = open_image(face if face is not None else stored.image_path)
+        if stored is not None and face is not None and not _same_pixels(picture, stored.image_path):
+            stored = None
+        s = settings.replace(face_id=stored.id if stored else None)
+        result = instantid.run(s, picture, self.models, analyser=analyser, on_step=on_step)
+        if not store:
+            return result, []
+        if stored is None:
+            stored = self.gallery.add(
+                picture, technique=instantid.FACE_TECHNIQUE, model="", prompt="face", settings={}
+            )
+            result.settings = result.settings.replace(face_id=stored.id)
+        return result, self.store(result, parent_id=stored.id)
 
     def evaluate(self, settings: evaluate.EvaluationSettings, *, on_progress=None, store: bool = True):
         """Generate and score; stores the figures (technique "evaluation") and the numbers

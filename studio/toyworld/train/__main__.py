@@ -1,4 +1,4 @@
-"""Retrain the toy model family: `python -m studio.toyworld.train [all|clip|vae|sd|ip2p|sd3|controlnet] [--work DIR] [--out DIR]`.
+"""Retrain the toy model family: `python -m studio.toyworld.train [all|clip|vae|sd|ip2p|sd3|controlnet|ip_adapter] [--work DIR] [--out DIR]`.
 
 Every stage checkpoints into --work and resumes from there after an interruption; a
 finished stage's model folder in --out is kept and skipped unless --force is given.
@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-STAGES = ("clip", "vae", "sd", "ip2p", "sd3", "controlnet")
+STAGES = ("clip", "vae", "sd", "ip2p", "sd3", "controlnet", "ip_adapter")
 FOLDERS = {
     "clip": "toy-clip",
     "vae": "toy-vae",
@@ -18,6 +18,7 @@ FOLDERS = {
     "ip2p": "toy-instruct-pix2pix",
     "sd3": "toy-sd3",
     "controlnet": "toy-sd-controlnet-seg",  # the second of the two it trains
+    "ip_adapter": "toy-ip-adapter",
 }
 
 
@@ -28,6 +29,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("assets/models"))
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
     parser.add_argument("--force", action="store_true", help="retrain stages whose folder exists")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="ip_adapter: train the concatenated-attention ablation instead (into --work, not shipped)",
+    )
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -38,6 +44,10 @@ def main(argv=None) -> int:
         module = __import__(f"studio.toyworld.train.{stage}", fromlist=["train"])
         started = time.time()
         kwargs = {"steps": args.steps} if args.steps else {}
+        if args.ablation:
+            if stage != "ip_adapter":
+                parser.error("--ablation is a flag of the ip_adapter stage")
+            kwargs["ablation"] = True
         module.train(args.work, args.out, **kwargs)
         print(f"[{stage}] done in {time.time() - started:.0f} s", flush=True)
     return 0
