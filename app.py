@@ -20,6 +20,7 @@ from tabs import controlnet as controlnet_tab
 from tabs import editing as editing_tab
 from tabs import evaluation as evaluation_tab
 from tabs import gallery as gallery_tab
+from tabs import ip_adapter as ip_adapter_tab
 from tabs import p2p as p2p_tab
 from tabs import trainer as trainer_tab
 from tabs import txt2img as txt2img_tab
@@ -44,13 +45,21 @@ def build_app(studio: Studio) -> gr.Blocks:
                 p2p_tab.build(studio, bus)
             with gr.Tab("ControlNet", id="controlnet"):
                 controlnet_tab.build(studio, bus)
+            with gr.Tab("IP-Adapter", id="ip_adapter"):
+                ip_adapter_tab.build(studio, bus)
             with gr.Tab("Evaluation", id="evaluation"):
                 evaluation_tab.build(studio, bus)
             with gr.Tab("Trainer", id="trainer"):
                 trainer_tab.build(studio, bus)
             with gr.Tab("Gallery", id="gallery") as gallery:
                 gallery_ui = gallery_tab.build(
-                    studio, bus, send_targets=[("editing", "editing"), ("ControlNet", "controlnet")]
+                    studio,
+                    bus,
+                    send_targets=[
+                        ("editing", "editing"),
+                        ("ControlNet", "controlnet"),
+                        ("IP-Adapter", "ip_adapter"),
+                    ],
                 )
 
         def route(message):

@@ -940,9 +940,9 @@ def _ip_state(unet) -> tuple:
 
 def _restore_ip_state(unet, state: tuple) -> None:
     processors, projection, kind = state
-    unet.set_attn_processor(processors)
-    unet.encoder_hid_proj = projection
+    unet.encoder_hid_proj = projection  # first: a Resampler projection has attention layers of its own
     unet.config.encoder_hid_dim_type = kind
+    unet.set_attn_processor(processors)
 
 
 def _check_task(spec: ModelSpec, pipe, task: str) -> None:

@@ -74,6 +74,13 @@ def tiny_adapter(tmp_path_factory) -> Path:
     return build_tiny_adapter(tmp_path_factory.mktemp("models") / "tiny-adapter")
 
 
+@pytest.fixture(scope="session")
+def tiny_ip_adapter(tmp_path_factory, tiny_sd) -> Path:
+    from tiny_models import build_tiny_ip_adapter
+
+    return build_tiny_ip_adapter(tmp_path_factory.mktemp("models") / "tiny-ip-adapter", tiny_sd)
+
+
 @contextlib.contextmanager
 def denoiser_batches(manager, model):
     """The batch size of every denoiser forward on the cached pipeline of `model` in the block."""

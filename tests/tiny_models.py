@@ -207,3 +207,94 @@ def build_tiny_adapter(folder: Path, seed: int = 3) -> Path:
     )
     adapter.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_tiny_ip_adapter(folder: Path, base_folder: Path, seed: int = 4) -> Path:
+    """An IP-Adapter for the tiny SD UNet in load_ip_adapter's layout, with a tiny CLIP vision
+    encoder in `image_encoder/`; W'_k, W'_v random so that the reference changes the picture."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from studio.toyworld.train.ip_adapter import adapter_state_dict, attach
+
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=16,
+        )
+    ).eval()
+    unet = UNet2DConditionModel.from_pretrained(base_folder, subfolder="unet")
+    adapter = attach(unet, encoder.config.projection_dim)
+    with torch.no_grad():
+        for layer in adapter["layers"]:
+            layer.to_k_ip[0].weight.normal_(0, 0.5)
+            layer.to_v_ip[0].weight.normal_(0, 0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(adapter), str(folder / "ip-adapter_tiny.safetensors"))
+    encoder.save_pretrained(folder / "image_encoder", safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder / "image_encoder"
+    )
+    return folder
+
+
+def _plus_original_keys(state: dict) -> dict:
+    """IPAdapterPlusImageProjection's tensors under the published Resampler's names (the names
+    InstantID's ip-adapter.bin uses), which load_ip_adapter converts back."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] != "layers":
+            out[key] = value
+            continue
+        i, rest = parts[1], ".".join(parts[2:])
+        if rest.startswith("attn.to_k."):
+            out[f"layers.{i}.0.to_kv.weight"] = torch.cat([value, state[key.replace("to_k.", "to_v.")]])
+            continue
+        if rest.startswith("attn.to_v."):
+            continue
+        mapped = {
+            "ln0": "0.norm1",
+            "ln1": "0.norm2",
+            "attn.to_q": "0.to_q",
+            "attn.to_out.0": "0.to_out",
+            "ff.0": "1.0",
+            "ff.1.net.0.proj": "1.1",
+            "ff.1.net.2": "1.3",
+        }
+        stem, _, leaf = rest.rpartition(".")
+        out[f"layers.{i}.{mapped[stem]}.{leaf}"] = value
+    return out
+
+
+def build_tiny_instantid(folder: Path, sdxl_folder: Path, embed_dim: int = 16, seed: int = 5) -> Path:
+    """InstantID's files for the tiny SDXL: IdentityNet (a ControlNet) in ControlNetModel/ and the
+    identity adapter (Resampler image projection, 4 queries) as ip-adapter.safetensors."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+    from safetensors.torch import save_file
+
+    from studio.toyworld.train.ip_adapter import cross_attention_layers, hidden_size
+
+    build_tiny_controlnet(folder / "ControlNetModel", sdxl_folder, seed=seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(sdxl_folder, subfolder="unet")
+    width = unet.config.cross_attention_dim
+    projection = IPAdapterPlusImageProjection(
+        embed_dims=embed_dim, output_dims=width, hidden_dims=64, heads=1, num_queries=4
+    )
+    tensors = {f"image_proj.{k}": v for k, v in _plus_original_keys(projection.state_dict()).items()}
+    for i, name in enumerate(cross_attention_layers(unet)):
+        for kv in ("k", "v"):
+            tensors[f"ip_adapter.{2 * i + 1}.to_{kv}_ip.weight"] = (
+                torch.randn(hidden_size(unet, name), width) * 0.5
+            )
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "ip-adapter.safetensors"))
+    return folder
