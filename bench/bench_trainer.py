@@ -3,10 +3,10 @@ Textual Inversion, LoRA size and fusing, all through the studio's trainer.
 
     python bench/bench_trainer.py [--steps 1500] [--samples 64] [--out runs/bench_trainer]
 
-The base models never saw a star (../shared/toyworld.md). Five rendered large stars (drawn
-until five whose toy-VAE round trip the judge still reads as a star: that VAE never saw a
-star either, and smaller ones come back as pentagons) are the instance pictures, captioned
-"a sks shape". Prints JSON: the star rate of "a sks shape on the left" (judge, one sample a
+The base models never saw a star (../shared/toyworld.md). Five rendered large stars, one on
+the left, right, top, bottom and one anywhere, captioned "a sks shape <position>" (each drawn
+until its toy-VAE round trip still reads as a star: that VAE never saw a star either, and
+small ones come back as pentagons), are the instance pictures. Prints JSON: the star rate of "a sks shape on the left" (judge, one sample a
 seed), toy GenEval on ordinary prompts for the base model and each trained model, training
 wall time on this machine, file sizes, and the largest pixel difference between the
 unfused LoRA and the same LoRA fused into the weights (W' = W + (α/r)·B·A).
@@ -37,8 +37,15 @@ LORA_TARGETS = (
 )
 
 
-def instance_pictures(folder: Path, vae, count: int = 5, seed: int = 1) -> list[Path]:
+POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "")
+
+
+def instance_pictures(folder: Path, vae, seed: int = 1) -> list[Path]:
+    """One large star per position phrase (and one anywhere), each captioned "a sks shape
+    <position>" in a same-name .txt file; drawn until the toy VAE's round trip still reads
+    as a star."""
     import torch
+    from PIL import Image
 
     from studio.toyworld import judge
     from studio.toyworld.captions import parse_caption, sample_scene
@@ -47,17 +54,34 @@ def instance_pictures(folder: Path, vae, count: int = 5, seed: int = 1) -> list[
 
     folder.mkdir(parents=True, exist_ok=True)
     rng, paths = random.Random(seed), []
-    while len(paths) < count:
-        picture = render(sample_scene(parse_caption("a large shape"), rng, shape_pool=("star",)))
-        with torch.no_grad():
-            back = vae.decode(vae.encode(images_to_tensor([picture])).latent_dist.mode()).sample
-        array = ((back[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        from PIL import Image
-
-        if any(s.kind == "star" for s in judge.read(Image.fromarray(array)).shapes):
-            paths.append(folder / f"star-{len(paths)}.png")
-            picture.save(paths[-1])
+    for i, position in enumerate(POSITIONS):
+        while True:
+            scene = sample_scene(
+                parse_caption(f"a large shape {position}".strip()), rng, shape_pool=("star",)
+            )
+            picture = render(scene)
+            with torch.no_grad():
+                back = vae.decode(vae.encode(images_to_tensor([picture])).latent_dist.mode()).sample
+            array = ((back[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            if any(s.kind == "star" for s in judge.read(Image.fromarray(array)).shapes):
+                break
+        paths.append(folder / f"star-{i}.png")
+        picture.save(paths[-1])
+        paths[-1].with_suffix(".txt").write_text(f"a sks shape {position}".strip())
     return paths
+
+
+def ti_pictures(pictures: list[Path]) -> Path:
+    """The same pictures with their captions' sks written as the new word <sks>."""
+    import shutil
+
+    folder = pictures[0].parent.with_name("instances-ti")
+    folder.mkdir(exist_ok=True)
+    for path in pictures:
+        shutil.copy(path, folder / path.name)
+        caption = path.with_suffix(".txt").read_text().replace("sks", "<sks>")
+        (folder / path.name).with_suffix(".txt").write_text(caption)
+    return folder
 
 
 class Context:
@@ -163,7 +187,7 @@ def main() -> None:
             checkpoint_every=args.ti_steps,
             sample_every=args.ti_steps,
             name="star-ti",
-            **{**common, "instance_prompt": "a <sks> shape"},
+            **{**common, "images": str(ti_pictures(pictures)), "instance_prompt": "a <sks> shape"},
         ),
     }
     for key, settings in runs.items():

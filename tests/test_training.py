@@ -285,3 +285,16 @@ def test_the_train_command_trains_resumes_and_refuses_in_one_line(tiny_sd, stars
     assert bad.stderr.count("\n") == 1 and "method must be one of" in bad.stderr
     nowhere = cli("--images", tmp_path / "missing", "--out", tmp_path / "y")
     assert nowhere.returncode == 2 and "is not a folder" in nowhere.stderr
+
+
+def test_a_text_encoder_lora_is_saved_and_applied_by_txt2img(tiny_sd, stars, models, tmp_path):
+    s = settings(tiny_sd, stars, train_text_encoder=True, name="tiny-text")
+    result = trainer.run(s, models, Context(tmp_path / "run"))
+    keys = load_file(result["installed"])
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    with models.lend(str(tiny_sd), loras=(LoraRef("tiny-text", 1.0),)) as pipe:
+        assert any("lora" in name for name, _ in pipe.text_encoder.named_modules())
+    before = pixels(models, model=str(tiny_sd))
+    with_lora = pixels(models, model=str(tiny_sd), loras=(LoraRef("tiny-text", 1.0),))
+    assert not np.array_equal(before, with_lora)
+    assert np.array_equal(before, pixels(models, model=str(tiny_sd)))

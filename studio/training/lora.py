@@ -18,7 +18,7 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 def prepare(pipe, s: TrainingSettings) -> tuple[list, None]:
     """Add the adapters; only their weights train."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
@@ -33,10 +33,12 @@ def prepare(pipe, s: TrainingSettings) -> tuple[list, None]:
         ) from None
     modules = [pipe.unet]
     if s.train_text_encoder:
-        pipe.text_encoder.add_adapter(
+        # peft's own injection: transformers' add_adapter wants a newer peft than the pinned one
+        inject_adapter_in_model(
             LoraConfig(
                 r=s.rank, lora_alpha=s.alpha, init_lora_weights="gaussian", target_modules=TEXT_TARGETS
-            )
+            ),
+            pipe.text_encoder,
         )
         modules.append(pipe.text_encoder)
     return [p for m in modules for p in m.parameters() if p.requires_grad], None
