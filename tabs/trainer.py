@@ -258,6 +258,7 @@ def build(studio, bus: Bus) -> TrainerTab:
                 token=settings.get("token"),
             )
             line += f" in {result.get('seconds', 0):g} s · `{result.get('installed')}` · {hint}"
+            line += f"\n\n{result.get('pictures', '')}"
         if state.error:
             line += f": {state.error}"
         return line
