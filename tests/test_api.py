@@ -30,6 +30,8 @@ API_NAMES = {
     "/ip2p",
     "/p2p",
     "/controlnet",
+    "/ip_adapter",
+    "/instantid",
     "/evaluate",
 }
 PROMPT = "a red circle on the left"
@@ -424,6 +426,63 @@ def test_controlnet_unknown_preprocessor_is_a_clear_error(app, tiny_sd, tiny_con
     assert server_tracebacks(capfd) == ""
 
 
+@pytest.fixture(scope="module")
+def reference_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ip") / "reference.png"
+    picture = Image.new("RGB", (64, 64), (255, 255, 255))
+    picture.paste((40, 90, 220), (20, 20, 44, 44))
+    picture.save(path)
+    return path
+
+
+def test_ip_adapter_stores_the_reference_and_the_image_under_it(app, tiny_sd, tiny_ip_adapter, reference_png):
+    before = app.studio.gallery.count()
+    s = {
+        "prompt": PROMPT,
+        "model": str(tiny_sd),
+        "steps": 3,
+        "seed": 2,
+        "units": [{"adapter": str(tiny_ip_adapter)}],
+    }
+    images, info = app.client.predict([handle_file(reference_png)], None, s, api_name="/ip_adapter")
+    assert len(images) == 2 and info["seeds"] == [2]  # the image, then the reference
+    (reference_id,) = info["reference_ids"][0]
+    item = app.studio.gallery.get(info["ids"][0])
+    assert item.technique == "ip_adapter" and item.parent_id == reference_id
+    assert app.studio.gallery.get(reference_id).technique == "reference"
+    assert app.studio.gallery.count() == before + 2
+    # Restored settings name the stored reference: no file needed, nothing new stored but the image.
+    again, info2 = app.client.predict(None, None, {**item.settings, "seed": 3}, api_name="/ip_adapter")
+    assert info2["reference_ids"] == [[reference_id]] and app.studio.gallery.count() == before + 3
+
+
+@pytest.mark.parametrize(
+    "case, phrase",
+    [
+        ("unknown adapter", "unknown IP-Adapter 'nope'"),
+        ("no reference", "but 0 were given"),
+        ("instantid without its files", "InstantID needs files that are not on this machine"),
+    ],
+)
+def test_bad_ip_adapter_is_a_clear_error(
+    app, tiny_sd, tiny_ip_adapter, reference_png, case, phrase, capfd, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LATENT_STUDIO_INSTANTID", str(tmp_path))  # an empty InstantID folder
+    before = app.studio.gallery.count()
+    with pytest.raises(AppError) as caught:
+        if case == "instantid without its files":
+            app.client.predict(handle_file(reference_png), {"prompt": "a portrait"}, api_name="/instantid")
+        else:
+            adapter = "nope" if case == "unknown adapter" else str(tiny_ip_adapter)
+            files = [handle_file(reference_png)] if case == "unknown adapter" else None
+            s = {"prompt": PROMPT, "model": str(tiny_sd), "steps": 3, "units": [{"adapter": adapter}]}
+            app.client.predict(files, None, s, api_name="/ip_adapter")
+    message = str(caught.value)
+    assert phrase in message and "Traceback" not in message
+    assert app.studio.gallery.count() == before
+    assert server_tracebacks(capfd) == ""
+
+
 def evaluation_settings(app, **changes) -> dict:
     base = {
         "metrics": ["clip-score", "fid"],
@@ -489,6 +548,7 @@ def test_app_still_serves_after_bad_input(app):
     # tests (uploads and their edits), the P2P test (a source and its edit) and the ControlNet
     # test (a map and its images) and the evaluation test (its plots) stored anything.
     techniques = {"txt2img", "upload", "sdedit", "ip2p", "p2p", "controlnet", "control map", "evaluation"}
+    techniques |= {"ip_adapter", "reference"}
     assert {item["technique"] for item in items} <= techniques
     assert all(item["prompt"] == PROMPT for item in items if item["technique"] == "txt2img")
     paths, info = generate(app, settings(app, prompt="a green square", seed=5))

@@ -51,7 +51,7 @@ def judge_case(image, case: Case) -> dict:
     want = case.reference.shapes[0]
     one = len(shapes) == 1
     same = one and shapes[0].kind == want.kind and shapes[0].color == want.color
-    placed = one and position_fits(case.position, shapes[0].cx, shapes[0].cy)
+    placed = one and bool(position_fits(case.position, shapes[0].cx, shapes[0].cy))
     return {"shape_colour": same, "position": placed, "joint": same and placed}
 
 
