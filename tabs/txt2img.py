@@ -137,7 +137,9 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
                 generate = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
                 stop = gr.Button("Stop", variant="stop", elem_id="t2i-stop")
         with gr.Column(scale=2):
-            preview = gr.Image(label="Preview", type="pil", interactive=False, height=160)
+            preview = gr.Image(
+                label="Preview", type="pil", interactive=False, height=160, elem_id="t2i-preview"
+            )
             images = gr.Gallery(label="Images", format="png", columns=2, elem_id="t2i-images")
             info = gr.Markdown(elem_id="t2i-info")
             with gr.Row():

@@ -219,7 +219,8 @@ def test_stop_cancels_within_a_step_and_stores_nothing(page, app, capfd):
     number(page, "Batch count").fill("16")
     number(page, "Batch count").press("Enter")
     page.click("#t2i-generate")
-    page.wait_for_selector(".progress-text, .eta-bar", state="attached")
+    # the run itself, not the queue's wait for the lane: its first live preview shows
+    page.wait_for_selector("#t2i-preview img")
     page.click("#t2i-stop")
     page.wait_for_function("document.querySelector('#t2i-info').innerText.includes('Cancelled')")
     assert app.studio.gallery.count() == before
