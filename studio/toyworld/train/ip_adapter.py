@@ -14,7 +14,11 @@ a least-squares map from the image embedding to the text tower's states of "a CO
 (the tokens a, colour, shape, end): with W'_k = W_k the image tokens then begin by acting
 like those words, and training refines them (without it, 2,400 steps still drew every
 reference as a red shape: the colour lies in small directions of the embedding). Only the projection and the
-new W'_k, W'_v train (base weights frozen), on the ε-prediction loss (eq. 6), with the
+new W'_k, W'_v train (base weights frozen), on the ε-prediction loss (eq. 6) — min-SNR
+weighted, and at high noise boosted by 1/SNR (up to HIGH_NOISE_WEIGHT): a reference's colour
+and shape decide the first sampling steps, where plain ε-loss is tiny (measured: after 1,000
+steps without the boost, true, zero and shuffled references gave the same loss at t ≥ 900,
+and every reference came out red) — with the
 image embedding dropped to zeros, the caption to empty, or both, each with p = 0.05 —
 zeros being what diffusers feeds the unconditional branch of guidance.
 
@@ -67,6 +71,7 @@ LR = 1e-3
 DATASET = 8000
 NUM_TOKENS = 4  # the plain IP-Adapter's image tokens (what load_ip_adapter builds for `proj.weight`)
 DROP = 0.05  # image, caption, and both: each dropped with this probability
+HIGH_NOISE_WEIGHT = 10.0  # cap of the 1/SNR boost of the loss at high noise
 CLASSES = [(c, s) for c in COLORS for s in SHAPES]  # the 18 colour-shape pairs
 
 
@@ -293,7 +298,7 @@ def loss_on_batch(unet, alphas, noise_scheduler, z0, context, image_embeds, nois
         zt, t, encoder_hidden_states=context, added_cond_kwargs={"image_embeds": [image_embeds[:, None]]}
     ).sample
     snr = alphas[t] / (1 - alphas[t])
-    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr * torch.clamp(1 / snr, min=1.0, max=HIGH_NOISE_WEIGHT)
     return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
@@ -429,7 +434,8 @@ def write_ip_adapter_card(folder: Path, adapter, unet, steps: int, seconds: floa
             "data": f"{DATASET:,} single-shape renders (latents precomputed), each with two references: fresh renders "
             "of its shape and colour elsewhere (other position, size, background); captions mostly "
             "'a shape POSITION', image / caption / both dropped with p = 0.05 each",
-            "objective": f"ε-prediction, min-SNR-γ (γ = {MIN_SNR_GAMMA:g}), AdamW {LR:g}, 100-step warm-up, cosine "
+            "objective": f"ε-prediction, min-SNR-γ (γ = {MIN_SNR_GAMMA:g}) and 1/SNR up to {HIGH_NOISE_WEIGHT:g} at high "
+            f"noise, AdamW {LR:g}, 100-step warm-up, cosine "
             "decay, EMA 0.998, grad clip 1.0; toy-sd and the image encoder frozen",
             "steps": f"{steps:,} × batch {BATCH}",
             "parameters": f"{counts['trainable']:,} trainable (image projection + W'_k, W'_v in "
