@@ -285,7 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--grid",
         default="guidance=4",
-        help="one settings axis and its values, e.g. guidance=1,3,5,7 or steps=10,25",
+        help="one settings axis and its values, e.g. guidance=1,3,5,7, steps=10,25 or lora=0,0.5,1",
+    )
+    v.add_argument(
+        "--lora",
+        default="",
+        help="the LoRA of --grid lora=...: a catalog name (trained ones too) or .safetensors",
     )
     v.add_argument("--samples", type=int, default=1, help="seeds per prompt")
     v.add_argument("--seed", type=int, default=0)
@@ -619,6 +624,7 @@ def evaluate_command(args, studio) -> int:
         steps=args.steps,
         per_category=args.per_category,
         reference=str(args.reference) if args.reference else None,
+        lora=args.lora,
         **extra,
     )
 

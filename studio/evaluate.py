@@ -10,6 +10,8 @@ Metrics (see `studio.metrics` for the formulas):
   embeddings, so labelled: not Inception's FID, whose weights the studio doesn't ship;
 - imagereward, hpsv2, pickscore: human-preference models; without them on disk each run is
   refused with what is missing.
+The axis is guidance, steps, sampler or the weight of one LoRA (`lora`: a catalog name, trained
+ones included, or a .safetensors file; weight 0 generates without it).
 Every cell (model, axis value) draws `samples` seeds per prompt, seeds seed..seed+samples-1,
 the same in every cell, in batches through the model manager's pipeline.
 """
@@ -22,11 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .models import REPO_ROOT, ModelError, ModelManager
+from .models import REPO_ROOT, LoraRef, ModelError, ModelManager
 from .settings import Settings, SettingsError, check_float, check_int
 
 METRICS = ("toy-geneval", "clip-score", "fid", "imagereward", "hpsv2", "pickscore")
-AXES = ("guidance", "steps", "scheduler")
+AXES = ("guidance", "steps", "scheduler", "lora")
+LORA_WEIGHTS = (-4.0, 4.0)  # as txt2img allows
 PROMPT_SETS = ("toy-geneval", "general", "custom")
 GENERAL_PROMPTS = (
     "a red circle on the left",
@@ -66,6 +69,7 @@ class EvaluationSettings(Settings):
     per_category: int = 12  # toy GenEval prompts per category
     clip_model: str = str(REPO_ROOT / "assets" / "models" / "toy-clip")
     reference: str | None = None  # a folder of reference images for FID
+    lora: str = ""  # the LoRA whose weight the "lora" axis sets (a catalog name or .safetensors file)
 
     def __post_init__(self):
         if not self.metrics:
@@ -85,8 +89,20 @@ class EvaluationSettings(Settings):
             raise SettingsError("toy-geneval scores its own prompt set: choose the toy-geneval prompts")
         if self.axis not in AXES:
             raise SettingsError(f"the grid axis must be one of {', '.join(AXES)}, not {self.axis!r}")
+        if not isinstance(self.lora, str):
+            raise SettingsError("lora must be text: a LoRA's catalog name or .safetensors file")
+        if self.axis == "lora" and not self.lora.strip():
+            raise SettingsError(
+                "the lora axis needs a LoRA: name one (a catalog name or a .safetensors file) "
+                "and give its weights as the values"
+            )
+        if self.lora.strip() and self.axis != "lora":
+            raise SettingsError(
+                f"a LoRA is evaluated over the lora axis (its weights as the values), not over {self.axis}: "
+                "choose the lora axis or leave the LoRA empty"
+            )
         if not self.values:
-            raise SettingsError(f"give at least one {self.axis} value")
+            raise SettingsError(f"give at least one {value_name(self.axis)}")
         for value in self.values:
             axis_value(self.axis, value)
         check_int("samples", self.samples, 1, 64)
@@ -102,20 +118,25 @@ class EvaluationSettings(Settings):
         return f"evaluation of {', '.join(self.models)}"
 
 
+def value_name(axis: str) -> str:
+    return "LoRA weight" if axis == "lora" else f"{axis} value"
+
+
 def axis_value(axis: str, text: str):
     """A grid value as the type its setting takes."""
+    if axis == "scheduler":
+        return text  # a scheduler name, checked when the model is known
     try:
-        if axis == "guidance":
-            value = float(text)
-            check_float("guidance", value, 0.0, 30.0)
-            return value
-        if axis == "steps":
-            value = int(text)
-            check_int("steps", value, 1, 150)
-            return value
+        value = int(text) if axis == "steps" else float(text)
     except ValueError:
-        raise SettingsError(f"{axis} value {text!r} is not a number") from None
-    return text  # a scheduler name, checked when the model is known
+        raise SettingsError(f"{value_name(axis)} {text!r} is not a number") from None
+    if axis == "steps":
+        check_int("steps", value, 1, 150)
+    elif axis == "lora":
+        check_float("LoRA weight", value, *LORA_WEIGHTS)
+    else:
+        check_float("guidance", value, 0.0, 30.0)
+    return value
 
 
 @dataclass
@@ -182,7 +203,7 @@ def check_metrics_available(s: EvaluationSettings) -> None:
 
 def check(s: EvaluationSettings, models: ModelManager) -> None:
     """Refuse, without loading anything, what `run` would refuse: missing metrics, unknown
-    models, samplers a model can't take."""
+    models, samplers a model can't take, a LoRA that is missing or for another family."""
     from .schedulers import check_scheduler
     from .txt2img import model_defaults
 
@@ -191,6 +212,8 @@ def check(s: EvaluationSettings, models: ModelManager) -> None:
         spec = models.resolve(model)
         if spec.family == "unknown":
             continue  # a hub id: its family is known once it is loaded
+        if s.axis == "lora":
+            models._lora_source(s.lora.strip(), spec.family)  # missing, a base model, another family
         for name in s.values if s.axis == "scheduler" else [s.scheduler or model_defaults(spec)["scheduler"]]:
             check_scheduler(name, spec.family)
 
@@ -213,10 +236,11 @@ def generate(models: ModelManager, model: str, axis: str, value, jobs, s: Evalua
     steps = value if axis == "steps" else s.steps or d["steps"]
     guidance = value if axis == "guidance" else (s.guidance if s.guidance is not None else d["guidance"])
     scheduler = value if axis == "scheduler" else s.scheduler or d["scheduler"]
+    loras = (LoraRef(s.lora.strip(), value),) if axis == "lora" and value != 0 else ()
     images = []
     for start in range(0, len(jobs), BATCH):
         chunk = jobs[start : start + BATCH]
-        with models.lend(model) as pipe:
+        with models.lend(model, loras=loras) as pipe:
             pipe.scheduler = make_scheduler(scheduler, spec.family, pipe.scheduler.config)
             size = {"width": d["width"], "height": d["height"]} if d["width"] else {}
             images += pipe(

@@ -32,7 +32,12 @@ from studio.settings import SettingsError
 from .common import GPU_LANE, Bus, progress_bar, row_id, table_value, user_errors
 from .txt2img import MODEL_DEFAULT, _whole
 
-AXIS_EXAMPLES = {"guidance": "1, 3, 5, 7", "steps": "10, 25", "scheduler": "DDIM, Euler, UniPC"}
+AXIS_EXAMPLES = {
+    "guidance": "1, 3, 5, 7",
+    "steps": "10, 25",
+    "scheduler": "DDIM, Euler, UniPC",
+    "lora": "0, 0.5, 1",
+}
 POLL_SECONDS = 1.0
 JOBS_SHOWN = 10
 MAX_PROMPT_FILE = 1 << 20
@@ -78,6 +83,12 @@ def split_values(text: str) -> tuple[str, ...]:
 def _given(value, default):
     """An empty number box means the default."""
     return default if value is None else value
+
+
+def axis_text(settings: dict) -> str:
+    """A run's axis and values for the job and past-evaluation lists, naming its LoRA."""
+    text = f"{settings.get('axis')} {', '.join(settings.get('values', ()))}"
+    return f"{text} of {settings['lora']}" if settings.get("lora") else text
 
 
 def notes_text(notes) -> str:
@@ -132,6 +143,15 @@ def build(studio, bus: Bus) -> EvaluationTab:
                 values = gr.Textbox(
                     value=AXIS_EXAMPLES["guidance"], label="Values, comma separated", elem_id="eval-values"
                 )
+            lora = gr.Dropdown(
+                [spec.name for spec in models.loras()],
+                value=None,
+                allow_custom_value=True,
+                label="LoRA whose weight the axis sets (0: without it)",
+                info="the library's LoRAs, trained ones included, or a .safetensors file",
+                visible=False,
+                elem_id="eval-lora",
+            )
             with gr.Row():
                 samples = gr.Number(value=1, precision=0, label="Seeds per prompt", elem_id="eval-samples")
                 seed = gr.Number(value=0, precision=0, label="First seed", elem_id="eval-seed")
@@ -188,6 +208,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
         "per_category": per_category,
         "axis": axis,
         "values": values,
+        "lora": lora,
         "samples": samples,
         "seed": seed,
         "steps": steps,
@@ -210,6 +231,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
             per_category=_given(_whole("prompts per category", v["per_category"]), 12),
             axis=v["axis"] or "guidance",
             values=split_values(v["values"]),
+            lora=(v["lora"] or "").strip() if v["axis"] == "lora" else "",
             samples=_given(_whole("seeds per prompt", v["samples"]), 1),
             seed=_given(_whole("seed", v["seed"]), 0),
             steps=_whole("steps", v["steps"]) or None,
@@ -229,6 +251,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
             "per_category": s.per_category,
             "axis": s.axis,
             "values": ", ".join(s.values),
+            "lora": s.lora or None,
             "samples": s.samples,
             "seed": s.seed,
             "steps": s.steps or 0,
@@ -278,7 +301,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
                 s.status,
                 f"{round(100 * s.fraction)}%",
                 ", ".join(s.settings.get("models", ())),
-                f"{s.settings.get('axis')} {', '.join(s.settings.get('values', ()))}",
+                axis_text(s.settings),
                 s.created_at.replace("T", " ")[:19],
                 s.error,
             ]
@@ -293,7 +316,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
                 e.created_at.strftime("%Y-%m-%d %H:%M"),
                 ", ".join(e.settings.get("models", ())),
                 ", ".join(e.settings.get("metrics", ())),
-                f"{e.settings.get('axis')} {', '.join(e.settings.get('values', ()))}",
+                axis_text(e.settings),
                 e.results.get("samples per cell", ""),
                 round(e.duration_s, 1),
             ]
@@ -400,6 +423,11 @@ def build(studio, bus: Bus) -> EvaluationTab:
         show_prompt_widgets, prompt_set, [prompts, prompt_file, per_category], queue=False, **private
     )
     axis.input(lambda a: AXIS_EXAMPLES.get(a, ""), axis, values, queue=False, **private)
+    axis.change(lambda a: gr.update(visible=a == "lora"), axis, lora, queue=False, **private)
+    # read when focused, so that a LoRA the Trainer just installed is offered
+    lora.focus(
+        lambda: gr.update(choices=[spec.name for spec in models.loras()]), None, lora, queue=False, **private
+    )
     start.click(start_job, form, [watched, timer, status, progress], **private)
     cancel.click(cancel_job, watched, status, **private)
     outputs = [status, progress, plots, table, notes, jobs, past, shown, timer]

@@ -82,6 +82,23 @@ def test_cancel_stores_nothing(studio, tiny_sd):
         (dict(values=("hot",)), SettingsError, "guidance value 'hot' is not a number"),
         (dict(metrics=("lpips",)), SettingsError, "unknown metric 'lpips'"),
         (dict(axis="colour"), SettingsError, "grid axis must be one of"),
+        (dict(axis="lora", values=("0", "1")), SettingsError, "the lora axis needs a LoRA"),
+        (
+            dict(axis="lora", lora="x.safetensors", values=("heavy",)),
+            SettingsError,
+            "LoRA weight 'heavy' is not",
+        ),
+        (
+            dict(axis="lora", lora="x.safetensors", values=("5",)),
+            SettingsError,
+            "between -4.0 and 4.0, not 5.0",
+        ),
+        (dict(lora="x.safetensors"), SettingsError, "a LoRA is evaluated over the lora axis"),
+        (
+            dict(axis="lora", lora="no-such.safetensors", values=("1",)),
+            ModelError,
+            "LoRA 'no-such.safetensors' not found",
+        ),
     ],
 )
 def test_refusals_say_why(studio, tiny_sd, changes, error, message):
@@ -176,3 +193,102 @@ def test_an_evaluation_job_is_refused_before_it_is_queued_or_cancelled_midway(st
     state = studio.jobs.wait(job, timeout=300)
     assert state.status == "cancelled" and state.step < state.total == 32
     assert studio.gallery.evaluations() == [] and studio.gallery.count() == 0
+
+
+# --------------------------------------------------------------------------- the LoRA weight axis
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_sd, tmp_path_factory) -> Path:
+    """A diffusers LoRA file for tiny-sd whose up-projections are large enough to show."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, dtype=torch.float32)
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v"])
+    )
+    torch.manual_seed(0)
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 1.0)
+    folder = tmp_path_factory.mktemp("eval-lora")
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_the_lora_axis_generates_each_cell_at_its_weight(manager, tiny_sd, tiny_lora):
+    import numpy as np
+
+    from studio.evaluate import run
+
+    s = tiny_settings(tiny_sd, metrics=("clip-score",), axis="lora", lora=str(tiny_lora), values=("0", "1"))
+    report = run(s, manager)
+    without, full = (np.stack([np.asarray(im) for im in c.images]) for c in report.cells)
+    plain = run(tiny_settings(tiny_sd, metrics=("clip-score",), axis="steps", values=("2",)), manager)
+    assert np.array_equal(without, np.stack([np.asarray(im) for im in plain.cells[0].images]))  # 0: no LoRA
+    assert not np.array_equal(without, full)
+    assert not any("lora" in n for n, _ in manager.base(str(tiny_sd)).unet.named_parameters())  # removed
+    assert set(report.results()["clip-score"][str(tiny_sd)]) == {"0", "1"}
+    assert set(report.figures) == {"grid", "clip-score against lora"}
+
+
+def test_the_lora_axis_takes_a_library_lora_by_name_and_refuses_another_family(tiny_sd, tiny_lora, tmp_path):
+    import shutil
+
+    from studio.evaluate import check, run
+    from studio.models import ModelManager
+
+    library = tmp_path / "library"
+    (library / "loras").mkdir(parents=True)
+    for name, family in (("mine", "sd"), ("for-sd3", "sd3")):
+        shutil.copy(tiny_lora, library / "loras" / f"{name}.safetensors")
+        (library / "loras" / f"{name}.json").write_text(json.dumps({"family": family, "base": "x"}))
+    models = ModelManager(device="cpu", user_dir=library)
+    assert {"mine", "for-sd3"} <= {spec.name for spec in models.loras()}  # what the tab's dropdown offers
+    by_name = tiny_settings(
+        tiny_sd, metrics=("clip-score",), axis="lora", lora="mine", values=("1",), samples=1
+    )
+    by_path = by_name.replace(lora=str(tiny_lora))
+    assert [c.images for c in run(by_name, models).cells] == [c.images for c in run(by_path, models).cells]
+    with pytest.raises(ModelError, match="LoRA for-sd3 is for sd3 models, not sd"):
+        check(by_name.replace(lora="for-sd3"), models)
+
+
+def test_settings_without_the_lora_field_still_read():
+    old = EvaluationSettings().to_dict()
+    del old["lora"]
+    assert EvaluationSettings.from_dict(old) == EvaluationSettings()
+    s = EvaluationSettings(axis="lora", lora="mine", values=("0", "0.5", "1"))
+    assert EvaluationSettings.from_dict(s.to_dict()) == s
+
+
+def test_cli_grids_a_lora_weight(tmp_path, tiny_sd, tiny_lora):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "studio", "evaluate", "--data-dir", str(tmp_path / "data"), "--metric"]
+    args += ["clip-score", "--model", str(tiny_sd), "--prompts", str(prompts), "--steps", "2", "--no-gallery"]
+    done = subprocess.run(
+        [*args, "--grid", "lora=0,1", "--lora", str(tiny_lora), "--out-dir", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["clip-score"][str(tiny_sd)]) == {"0", "1"}
+    assert (out / "clip-score_against_lora.png").exists()
+    bad = subprocess.run(
+        [*args, "--grid", "lora=0,1", "--out-dir", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: the lora axis needs a LoRA")
