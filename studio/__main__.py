@@ -599,7 +599,7 @@ def evaluate_command(args, studio) -> int:
     """results.json (one key per metric) and one PNG per figure in --out-dir."""
     import json
 
-    from .evaluate import EvaluationSettings, score_pictures
+    from .evaluate import EvaluationSettings
 
     axis, sep, values = args.grid.partition("=")
     if not sep or not values.strip():
@@ -625,18 +625,15 @@ def evaluate_command(args, studio) -> int:
         per_category=args.per_category,
         reference=str(args.reference) if args.reference else None,
         lora=args.lora,
+        images=str(args.images) if args.images else None,
         **extra,
     )
 
     def progress(done, total):
         print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
 
-    if args.images:
-        pictures, picture_prompts = _pictures_with_prompts(args.images)
-        report, record = score_pictures(settings, pictures, picture_prompts), None
-    else:
-        report, record = studio.evaluate(settings, on_progress=progress, store=not args.no_gallery)
-        print(file=sys.stderr)
+    report, record = studio.evaluate(settings, on_progress=progress, store=not args.no_gallery)
+    print(file=sys.stderr)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results = report.results()
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -658,27 +655,6 @@ def _read_lines(path: Path) -> list[str]:
     if not lines:
         raise CliError(f"{path} has no lines")
     return lines
-
-
-def _pictures_with_prompts(folder: Path):
-    from .images import open_image
-    from .pngmeta import read_png
-
-    files = sorted(folder.glob("*.png"))
-    if not files:
-        raise CliError(f"{folder} has no PNG pictures")
-    pictures, prompts = [], []
-    for path in files:
-        pictures.append(open_image(path))
-        try:
-            meta = read_png(path)
-        except ValueError:
-            meta = None
-        prompt = (meta.settings or {}).get("prompt") if meta and meta.settings else None
-        if not prompt and meta and meta.infotext:
-            prompt = meta.infotext.split("\n")[0]
-        prompts.append(prompt or "")
-    return pictures, prompts
 
 
 def train_command(args, studio) -> int:

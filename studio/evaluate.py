@@ -12,6 +12,8 @@ Metrics (see `studio.metrics` for the formulas):
   refused with what is missing.
 The axis is guidance, steps, sampler or the weight of one LoRA (`lora`: a catalog name, trained
 ones included, or a .safetensors file; weight 0 generates without it).
+With `images` (a folder of PNGs) nothing is generated: the folder's pictures are scored as
+one cell, each against the prompt its PNG metadata records (`score_pictures`).
 Every cell (model, axis value) draws `samples` seeds per prompt, seeds seed..seed+samples-1,
 the same in every cell, in batches through the model manager's pipeline.
 """
@@ -70,6 +72,7 @@ class EvaluationSettings(Settings):
     clip_model: str = str(REPO_ROOT / "assets" / "models" / "toy-clip")
     reference: str | None = None  # a folder of reference images for FID
     lora: str = ""  # the LoRA whose weight the "lora" axis sets (a catalog name or .safetensors file)
+    images: str | None = None  # a folder of PNGs to score instead of generating (the fields above unused)
 
     def __post_init__(self):
         if not self.metrics:
@@ -77,6 +80,12 @@ class EvaluationSettings(Settings):
         for metric in self.metrics:
             if metric not in METRICS:
                 raise SettingsError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        if self.images is not None:
+            if not isinstance(self.images, str) or not self.images.strip():
+                raise SettingsError(
+                    "give the folder of pictures to score (PNGs whose metadata has their prompt)"
+                )
+            return  # scoring pictures: the models, prompts and grid are not used
         if not self.models or not all(isinstance(m, str) and m.strip() for m in self.models):
             raise SettingsError("choose at least one model")
         if self.prompt_set not in PROMPT_SETS:
@@ -203,11 +212,15 @@ def check_metrics_available(s: EvaluationSettings) -> None:
 
 def check(s: EvaluationSettings, models: ModelManager) -> None:
     """Refuse, without loading anything, what `run` would refuse: missing metrics, unknown
-    models, samplers a model can't take, a LoRA that is missing or for another family."""
+    models, samplers a model can't take, a LoRA that is missing or for another family, a
+    folder of pictures without PNGs."""
     from .schedulers import check_scheduler
     from .txt2img import model_defaults
 
     check_metrics_available(s)
+    if s.images is not None:
+        picture_files(s.images)
+        return
     for model in s.models:
         spec = models.resolve(model)
         if spec.family == "unknown":
@@ -219,8 +232,39 @@ def check(s: EvaluationSettings, models: ModelManager) -> None:
 
 
 def image_count(s: EvaluationSettings) -> int:
-    """How many images a run generates."""
+    """How many images a run generates (or, scoring a folder, scores)."""
+    if s.images is not None:
+        return len(picture_files(s.images))
     return len(prompt_list(s)) * s.samples * len(s.models) * len(s.values)
+
+
+def picture_files(folder: str) -> list[Path]:
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise SettingsError(f"the picture folder {folder} does not exist")
+    files = sorted(path.glob("*.png"))
+    if not files:
+        raise SettingsError(f"{folder} has no PNG pictures")
+    return files
+
+
+def folder_pictures(folder: str) -> tuple[list, list[str]]:
+    """A folder's PNGs and the prompt each one's metadata records ("" where none does)."""
+    from .images import open_image
+    from .pngmeta import read_png
+
+    pictures, prompts = [], []
+    for path in picture_files(folder):
+        pictures.append(open_image(path))
+        try:
+            meta = read_png(path)
+        except ValueError:
+            meta = None
+        prompt = (meta.settings or {}).get("prompt") if meta and meta.settings else None
+        if not prompt and meta and meta.infotext:
+            prompt = meta.infotext.split("\n")[0]
+        prompts.append(prompt or "")
+    return pictures, prompts
 
 
 def generate(models: ModelManager, model: str, axis: str, value, jobs, s: EvaluationSettings, on_batch):
@@ -300,13 +344,22 @@ def run(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> EvaluationReport:
     """Generate every cell, then score it; `on_progress(done, total)` (images generated, after
-    each batch and, with `done` unchanged, after every denoising step) may raise Cancelled."""
+    each batch and, with `done` unchanged, after every denoising step) may raise Cancelled.
+    With `settings.images`, score that folder's pictures instead."""
     from .metrics import ClipEmbedder, clip_score, fid
     from .toyworld.judge import satisfies
 
     # 1. Refuse what can't run before generating anything.
     s = settings
     check(s, models)
+    if s.images is not None:
+        pictures, prompts = folder_pictures(s.images)
+        if on_progress is not None:
+            on_progress(0, len(pictures))
+        report = score_pictures(s, pictures, prompts)
+        if on_progress is not None:
+            on_progress(len(pictures), len(pictures))
+        return report
     pairs = prompt_list(s)
     jobs = [(p, s.seed + k) for _, p in pairs for k in range(s.samples)]
     categories = [c for c, _ in pairs for _ in range(s.samples)]
@@ -394,9 +447,14 @@ def score_pictures(s: EvaluationSettings, pictures: list, prompts: list[str]) ->
                 [result.warning] if result.warning else []
             )
     report = EvaluationReport(
-        s.replace(models=("pictures",), values=("-",)), [cell], notes, round(time.perf_counter() - started, 1)
+        s.replace(models=("pictures",), values=("-",), lora=""),
+        [cell],
+        notes,
+        round(time.perf_counter() - started, 1),
     )
-    report.figures = {"grid": figures(report)["grid"]}
+    from .charts import image_grid
+
+    report.figures = {"grid": image_grid(report.cells, ("pictures",), ("-",))}  # no axis to plot against
     return report
 
 

@@ -302,6 +302,7 @@ class Studio:
         report = evaluate.run(settings, self.models, on_progress=on_progress)
         if not store:
             return report, None
+        settings = report.settings  # scoring a folder: its one cell is named "pictures"
         figure_ids = [
             self.gallery.add(
                 picture, technique="evaluation", model=", ".join(settings.models), prompt=name, settings={}
@@ -320,13 +321,14 @@ class Studio:
         "notes", "evaluation_id" and "seconds"."""
         evaluate.check(settings, self.models)
         total = evaluate.image_count(settings)
+        what = "images generated" if settings.images is None else "pictures scored"
 
         def work(ctx: JobContext) -> dict:
             ctx.report(0, total, "loading the models and the metrics")
 
             def on_progress(done: int, _total: int) -> None:
                 ctx.check_cancel()
-                ctx.report(done, total, f"{done}/{total} images generated")
+                ctx.report(done, total, f"{done}/{total} {what}")
 
             report, record = self.evaluate(settings, on_progress=on_progress)
             ctx.report(total, total, "scored")

@@ -86,7 +86,10 @@ def _given(value, default):
 
 
 def axis_text(settings: dict) -> str:
-    """A run's axis and values for the job and past-evaluation lists, naming its LoRA."""
+    """A run's axis and values for the job and past-evaluation lists, naming its LoRA (or,
+    scoring a folder, the folder)."""
+    if settings.get("images"):
+        return f"pictures in {settings['images']}"
     text = f"{settings.get('axis')} {', '.join(settings.get('values', ()))}"
     return f"{text} of {settings['lora']}" if settings.get("lora") else text
 
@@ -101,6 +104,18 @@ def build(studio, bus: Bus) -> EvaluationTab:
 
     with gr.Row():
         with gr.Column(scale=2):
+            mode = gr.Radio(
+                ["generate", "pictures"],
+                value="generate",
+                label="Score",
+                info="generate: models × a settings axis; pictures: a folder of PNGs as they are",
+                elem_id="eval-mode",
+            )
+            images = gr.Textbox(
+                label="Folder of PNG pictures (each scored against the prompt its metadata records)",
+                visible=False,
+                elem_id="eval-images",
+            )
             metrics = gr.CheckboxGroup(
                 list(METRICS),
                 value=["toy-geneval", "clip-score"],
@@ -200,6 +215,8 @@ def build(studio, bus: Bus) -> EvaluationTab:
     timer = gr.Timer(POLL_SECONDS)
 
     fields = {
+        "mode": mode,
+        "images": images,
         "metrics": metrics,
         "models": model_list,
         "prompt_set": prompt_set,
@@ -223,7 +240,15 @@ def build(studio, bus: Bus) -> EvaluationTab:
 
     def to_settings(data: dict) -> EvaluationSettings:
         v = {name: data[component] for name, component in fields.items()}
+        folder = None
+        if v["mode"] == "pictures":
+            folder = (v["images"] or "").strip()
+            if not folder:
+                raise SettingsError(
+                    "give the folder of pictures to score (PNGs whose metadata has their prompt)"
+                )
         return EvaluationSettings(
+            images=folder,
             metrics=tuple(v["metrics"] or ()),
             models=tuple(v["models"] or ()),
             prompt_set=v["prompt_set"] or "toy-geneval",
@@ -243,6 +268,8 @@ def build(studio, bus: Bus) -> EvaluationTab:
 
     def to_form(s: EvaluationSettings) -> dict:
         values_ = {
+            "mode": "generate" if s.images is None else "pictures",
+            "images": s.images or "",
             "metrics": list(s.metrics),
             "models": list(s.models),
             "prompt_set": s.prompt_set,
@@ -300,7 +327,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
                 s.id,
                 s.status,
                 f"{round(100 * s.fraction)}%",
-                ", ".join(s.settings.get("models", ())),
+                "pictures" if s.settings.get("images") else ", ".join(s.settings.get("models", ())),
                 axis_text(s.settings),
                 s.created_at.replace("T", " ")[:19],
                 s.error,
@@ -424,6 +451,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
     )
     axis.input(lambda a: AXIS_EXAMPLES.get(a, ""), axis, values, queue=False, **private)
     axis.change(lambda a: gr.update(visible=a == "lora"), axis, lora, queue=False, **private)
+    mode.change(lambda m: gr.update(visible=m == "pictures"), mode, images, queue=False, **private)
     # read when focused, so that a LoRA the Trainer just installed is offered
     lora.focus(
         lambda: gr.update(choices=[spec.name for spec in models.loras()]), None, lora, queue=False, **private

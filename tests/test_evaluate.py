@@ -292,3 +292,71 @@ def test_cli_grids_a_lora_weight(tmp_path, tiny_sd, tiny_lora):
         timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: the lora axis needs a LoRA")
+
+
+# --------------------------------------------------------------------------- scoring a folder of pictures
+
+
+@pytest.fixture
+def renders(tmp_path) -> Path:
+    """Toy-world renders as PNGs whose metadata records their own captions as prompts."""
+    import random
+
+    from studio.pngmeta import write_png
+    from studio.toyworld.captions import sample_pair
+    from studio.toyworld.render import render
+
+    folder = tmp_path / "renders"
+    folder.mkdir()
+    rng = random.Random(5)
+    for i in range(4):
+        caption, scene = sample_pair(rng)
+        write_png(folder / f"{i:04d}.png", render(scene), caption, {"prompt": caption})
+    return folder
+
+
+def test_a_job_scores_a_folder_of_pictures(studio, renders):
+    from studio.evaluate import results_table
+
+    s = EvaluationSettings(metrics=("toy-geneval", "clip-score"), prompt_set="general", images=str(renders))
+    job = studio.start_evaluation(s)
+    state = studio.jobs.wait(job, timeout=300)
+    assert (state.status, state.step, state.total, state.message) == ("done", 4, 4, "scored")
+    record = studio.gallery.evaluations()[0]
+    assert record.results["toy-geneval"] == 1.0  # renders satisfy their own captions
+    assert 0 < record.results["clip-score"] <= 100 and record.results["samples per cell"] == 4
+    assert record.settings["models"] == ["pictures"] and record.settings["images"] == str(renders)
+    headers, rows = results_table(record.settings, record.results)
+    assert headers[:4] == ["model", "guidance", "toy-geneval", "clip-score"] and len(rows) == 1
+    assert set(state.result["figures"]) == {"grid"}
+    assert state.settings == s.to_dict()
+
+
+def test_scoring_pictures_is_refused_with_a_reason(studio, renders, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for folder, message in (("", "give the folder of pictures"), (str(tmp_path / "gone"), "does not exist")):
+        with pytest.raises(SettingsError, match=message):
+            studio.start_evaluation(EvaluationSettings(images=folder))
+    with pytest.raises(SettingsError, match="has no PNG pictures"):
+        studio.start_evaluation(EvaluationSettings(images=str(tmp_path / "empty")))
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "white").save(renders / "bare.png")
+    with pytest.raises(SettingsError, match="1 pictures carry no prompt"):
+        studio.evaluate(EvaluationSettings(metrics=("clip-score",), images=str(renders)))
+    assert studio.jobs.list() == [] and studio.gallery.evaluations() == []
+
+
+def test_cli_scores_a_folder_of_pictures(tmp_path, renders):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "studio", "evaluate", "--data-dir", str(tmp_path / "data"), "--metric"]
+        + ["toy-geneval", "--images", str(renders), "--out-dir", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "results.json").read_text())["toy-geneval"] == 1.0
+    assert (out / "grid.png").exists() and "stored as evaluation #1" in done.stdout
