@@ -6,10 +6,14 @@ Textual Inversion, LoRA size and fusing, all through the studio's trainer.
 The base models never saw a star (../shared/toyworld.md). Five rendered large stars, one on
 the left, right, top, bottom and one anywhere, captioned "a sks shape <position>" (each drawn
 until its toy-VAE round trip still reads as a star: that VAE never saw a star either, and
-small ones come back as pentagons), are the instance pictures. Prints JSON: the star rate of "a sks shape on the left" (judge, one sample a
-seed), toy GenEval on ordinary prompts for the base model and each trained model, training
-wall time on this machine, file sizes, and the largest pixel difference between the
-unfused LoRA and the same LoRA fused into the weights (W' = W + (α/r)·B·A).
+small ones come back as pentagons), are the instance pictures. LoRA-DreamBooth: rank 16 on
+the UNet's attention, feed-forward, proj and resnet convs plus the text encoder's attention,
+LR 2e-3, 4 instance (+ 4 class) pictures a step; "a shape" as the class, 50 class pictures.
+Textual Inversion: one new word <sks> from "shape", LR 5e-3. Prints JSON: the star rate of
+"a sks shape on the left" (judge, one sample a seed), toy GenEval on ordinary prompts for the
+base model and each trained model, training wall time on this machine, file sizes, and the
+largest pixel difference between the unfused LoRA and the same LoRA fused into the weights
+(W' = W + (α/r)·B·A).
 """
 
 from __future__ import annotations
@@ -155,6 +159,7 @@ def main() -> None:
             rank=16,
             alpha=16,
             targets=LORA_TARGETS,
+            train_text_encoder=True,
             batch_size=4,
             prior_preservation=True,
             class_prompt="a shape",
@@ -171,6 +176,7 @@ def main() -> None:
             rank=16,
             alpha=16,
             targets=LORA_TARGETS,
+            train_text_encoder=True,
             batch_size=4,
             checkpoint_every=args.steps,
             sample_every=args.steps,
