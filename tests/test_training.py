@@ -298,3 +298,17 @@ def test_a_text_encoder_lora_is_saved_and_applied_by_txt2img(tiny_sd, stars, mod
     with_lora = pixels(models, model=str(tiny_sd), loras=(LoraRef("tiny-text", 1.0),))
     assert not np.array_equal(before, with_lora)
     assert np.array_equal(before, pixels(models, model=str(tiny_sd)))
+
+
+def test_a_lora_trains_on_top_of_a_learned_word(tiny_sd, stars, models, tmp_path):
+    word = settings(
+        tiny_sd, stars, method="textual-inversion", instance_prompt="a <sks> shape", name="tiny-word"
+    )
+    trainer.run(word, models, Context(tmp_path / "word"))
+    ctx = Context(tmp_path / "lora")
+    result = trainer.run(
+        settings(tiny_sd, stars, instance_prompt="a <sks> shape", name="on-word"), models, ctx
+    )
+    assert "trained words loaded: tiny-word" in ctx.messages
+    both = pixels(models, model=str(tiny_sd), prompt="a <sks> shape", loras=(LoraRef("on-word", 1.0),))
+    assert both.shape == (64, 64, 3) and Path(result["installed"]).is_file()

@@ -60,7 +60,17 @@ def run(s: TrainingSettings, models, ctx) -> dict:
                 lambda done, total: ctx.report(0, s.steps, f"class pictures {done}/{total}"),
             )
 
-        # 2. The method decides what trains (LoRA's initial A is drawn from the seed).
+        # 2. Words trained earlier (textual inversion) that the prompts use come in as txt2img
+        #    loads them, so a LoRA can be trained on top of a learned word (pivotal tuning).
+        if s.method != "textual-inversion":
+            prompts = (s.instance_prompt, s.class_prompt, s.sample_prompt, *pictures.captions)
+            words = models.embeddings_for(*prompts)
+            for path in words:
+                pipe.load_textual_inversion(path)
+            if words:
+                ctx.report(0, s.steps, "trained words loaded: " + ", ".join(Path(w).stem for w in words))
+
+        # 3. The method decides what trains (LoRA's initial A is drawn from the seed).
         torch.manual_seed(s.seed)
         params, after_step = method.prepare(pipe, s)
         if s.gradient_checkpointing:
@@ -74,12 +84,12 @@ def run(s: TrainingSettings, models, ctx) -> dict:
         noise_scheduler = _noise_scheduler(pipe)
         generator = torch.Generator().manual_seed(s.seed)
 
-        # 3. Resume from the newest checkpoint of this out_dir, if any.
+        # 4. Resume from the newest checkpoint of this out_dir, if any.
         step = _resume(out_dir, pipe, optimizer, schedule, generator)
         if step:
             ctx.report(step, s.steps, f"resumed from step {step}")
 
-        # 4. The loop.
+        # 5. The loop.
         encode = _Encoder(pipe, s, device)
         try:
             while step < s.steps:
@@ -109,7 +119,7 @@ def run(s: TrainingSettings, models, ctx) -> dict:
             _save_checkpoint(out_dir, step, pipe, optimizer, schedule, generator)
             raise
 
-        # 5. Outputs: in out_dir, and in the studio's library where txt2img finds them at once.
+        # 6. Outputs: in out_dir, and in the studio's library where txt2img finds them at once.
         output = method.save(pipe, s, out_dir)
         installed = models.install_trained(output, s.method, spec, s.to_dict())
     return {
