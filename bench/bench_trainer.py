@@ -9,7 +9,8 @@ until its toy-VAE round trip still reads as a star: that VAE never saw a star ei
 small ones come back as pentagons), are the instance pictures. LoRA-DreamBooth: rank 16 on
 the UNet's attention, feed-forward, proj and resnet convs plus the text encoder's attention,
 LR 2e-3, 4 instance (+ 4 class) pictures a step; "a shape" as the class, 50 class pictures.
-Textual Inversion: one new word <sks> from "shape", LR 5e-3. Prints JSON: the star rate of
+Textual Inversion: one new word <sks> from "shape", LR 5e-3. Pivotal tuning: the same UNet
+LoRA with prior preservation (text encoder frozen) trained on "a <sks> shape" on top of it. Prints JSON: the star rate of
 "a sks shape on the left" (judge, one sample a seed), toy GenEval on ordinary prompts for the
 base model and each trained model, training wall time on this machine, file sizes, and the
 largest pixel difference between the unfused LoRA and the same LoRA fused into the weights
@@ -195,19 +196,33 @@ def main() -> None:
             name="star-ti",
             **{**common, "images": str(ti_pictures(pictures)), "instance_prompt": "a <sks> shape"},
         ),
+        # pivotal tuning: a UNet-only LoRA with prior preservation on top of the learned word
+        "lora_on_word_prior": TrainingSettings(
+            method="lora",
+            steps=args.steps,
+            learning_rate=2e-3,
+            rank=16,
+            alpha=16,
+            targets=LORA_TARGETS,
+            batch_size=4,
+            prior_preservation=True,
+            class_prompt="a shape",
+            class_images=50,
+            checkpoint_every=args.steps,
+            sample_every=args.steps,
+            name="star-on-word",
+            **{**common, "images": str(ti_pictures(pictures)), "instance_prompt": "a <sks> shape"},
+        ),
     }
     for key, settings in runs.items():
         print(f"{key} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         result = trainer.run(settings, models, Context(args.out / key))
         row = {"train_seconds": round(time.perf_counter() - started, 1), "file_bytes": result["output_bytes"]}
-        if settings.method == "lora":
-            stack = {"loras": (LoraRef(settings.output_name, 1.0),)}
-            row["star_rate_sks"] = star_rate("a sks shape on the left", **stack)
-            row["geneval"] = geneval(**stack)
-        else:
-            row["star_rate_sks"] = star_rate("a <sks> shape on the left")
-            row["geneval"] = geneval()
+        word = "<sks>" if "<sks>" in settings.instance_prompt else "sks"
+        stack = {"loras": (LoraRef(settings.output_name, 1.0),)} if settings.method == "lora" else {}
+        row["star_rate_sks"] = star_rate(f"a {word} shape on the left", **stack)
+        row["geneval"] = geneval(**stack)
         report[key] = row
         print(json.dumps({key: row}), file=sys.stderr, flush=True)
 
