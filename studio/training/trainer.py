@@ -141,29 +141,22 @@ class _Encoder:
         self.text_trains = s.train_text_encoder or s.method == "textual-inversion"
         self.cache: dict[str, torch.Tensor] = {}
         self.moments: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.uncached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def latents(self, views: list, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """z = (μ + σ·n − shift) × scale for each view; μ, σ cached per view key where the view
         is always the same picture (centre crop), else encoded afresh."""
         vae = self.pipe.vae
-        fresh = [i for i, key in enumerate(views) if key is None or key not in self.moments]
+        moments = [self.moments.get(key) if key is not None else None for key in views]
+        fresh = [i for i, m in enumerate(moments) if m is None]
         if fresh:
             with torch.no_grad():
                 dist = vae.encode(pixels[fresh].to(self.device, vae.dtype)).latent_dist
             for j, i in enumerate(fresh):
-                moments = (dist.mean[j], dist.std[j])
-                if views[i] is None:
-                    self.uncached[i] = moments
-                else:
-                    self.moments[views[i]] = moments
-        mean = torch.stack(
-            [self.moments[k][0] if k is not None else self.uncached[i][0] for i, k in enumerate(views)]
-        )
-        std = torch.stack(
-            [self.moments[k][1] if k is not None else self.uncached[i][1] for i, k in enumerate(views)]
-        )
-        self.uncached.clear()
+                moments[i] = (dist.mean[j], dist.std[j])
+                if views[i] is not None:
+                    self.moments[views[i]] = moments[i]
+        mean = torch.stack([m[0] for m in moments])
+        std = torch.stack([m[1] for m in moments])
         noise = torch.randn(mean.shape, generator=generator).to(self.device, mean.dtype)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (mean + std * noise - shift) * vae.config.scaling_factor
