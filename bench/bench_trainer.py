@@ -151,68 +151,35 @@ def main() -> None:
 
     report = {"instances": [p.name for p in pictures], "samples": args.samples}
     report["base"] = {"geneval": geneval(), "star_rate_sks": star_rate("a sks shape on the left")}
-    common = dict(images=str(pictures[0].parent), instance_prompt="a sks shape", model="toy-sd", seed=0)
+    common = dict(
+        model="toy-sd", seed=0, batch_size=4, images=str(pictures[0].parent), instance_prompt="a sks shape"
+    )
+    on_word = dict(images=str(ti_pictures(pictures)), instance_prompt="a <sks> shape")
+    every = dict(checkpoint_every=args.steps, sample_every=args.steps)
+    lora = dict(
+        method="lora", steps=args.steps, learning_rate=2e-3, rank=16, alpha=16, targets=LORA_TARGETS, **every
+    )
+    prior = dict(prior_preservation=True, class_prompt="a shape", class_images=50)
     runs = {
         "lora_dreambooth_prior": TrainingSettings(
-            method="lora",
-            steps=args.steps,
-            learning_rate=2e-3,
-            rank=16,
-            alpha=16,
-            targets=LORA_TARGETS,
-            train_text_encoder=True,
-            batch_size=4,
-            prior_preservation=True,
-            class_prompt="a shape",
-            class_images=50,
-            checkpoint_every=args.steps,
-            sample_every=args.steps,
-            name="star-prior",
-            **common,
+            **common, **lora, **prior, train_text_encoder=True, name="star-prior"
         ),
         "lora_dreambooth_no_prior": TrainingSettings(
-            method="lora",
-            steps=args.steps,
-            learning_rate=2e-3,
-            rank=16,
-            alpha=16,
-            targets=LORA_TARGETS,
-            train_text_encoder=True,
-            batch_size=4,
-            checkpoint_every=args.steps,
-            sample_every=args.steps,
-            name="star-no-prior",
-            **common,
+            **common, **lora, train_text_encoder=True, name="star-no-prior"
         ),
         "textual_inversion": TrainingSettings(
+            **{**common, **on_word},
             method="textual-inversion",
             steps=args.ti_steps,
             learning_rate=5e-3,
-            batch_size=4,
             token="<sks>",
             initializer="shape",
             checkpoint_every=args.ti_steps,
             sample_every=args.ti_steps,
             name="star-ti",
-            **{**common, "images": str(ti_pictures(pictures)), "instance_prompt": "a <sks> shape"},
         ),
         # pivotal tuning: a UNet-only LoRA with prior preservation on top of the learned word
-        "lora_on_word_prior": TrainingSettings(
-            method="lora",
-            steps=args.steps,
-            learning_rate=2e-3,
-            rank=16,
-            alpha=16,
-            targets=LORA_TARGETS,
-            batch_size=4,
-            prior_preservation=True,
-            class_prompt="a shape",
-            class_images=50,
-            checkpoint_every=args.steps,
-            sample_every=args.steps,
-            name="star-on-word",
-            **{**common, "images": str(ti_pictures(pictures)), "instance_prompt": "a <sks> shape"},
-        ),
+        "lora_on_word_prior": TrainingSettings(**{**common, **on_word}, **lora, **prior, name="star-on-word"),
     }
     for key, settings in runs.items():
         print(f"{key} ...", file=sys.stderr, flush=True)
