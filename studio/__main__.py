@@ -715,7 +715,7 @@ def train_command(args, studio) -> int:
     shown = -1
     try:
         while not (state := studio.jobs.wait(job, timeout=2.0)).finished:
-            if state.step != shown:
+            if state.total and state.step != shown:  # nothing to say while it waits for the lane
                 loss = state.metrics[-1].get("loss") if state.metrics else None
                 print(
                     f"step {state.step}/{state.total}" + (f"\tloss {loss:.4f}" if loss is not None else ""),
