@@ -318,7 +318,12 @@ def _train_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--model", default="toy-sd")
     r.add_argument("--images", type=Path, help="a folder of pictures (captions: same-name .txt files)")
     r.add_argument("--instance-prompt", default="a sks shape")
-    r.add_argument("--class-prompt", default="", help="prior preservation's class, e.g. 'a shape'")
+    r.add_argument(
+        "--class-prompt",
+        action="append",
+        default=[],
+        help="prior preservation's class, e.g. 'a shape'; repeat it for a regularisation set of several",
+    )
     r.add_argument("--prior-preservation", action="store_true")
     r.add_argument("--prior-weight", type=float, default=1.0)
     r.add_argument("--class-images", type=int, default=50)
@@ -689,7 +694,7 @@ def train_command(args, studio) -> int:
             model=args.model,
             images=str(args.images),
             instance_prompt=args.instance_prompt,
-            class_prompt=args.class_prompt,
+            class_prompt="\n".join(args.class_prompt),
             prior_preservation=args.prior_preservation,
             prior_weight=args.prior_weight,
             class_images=args.class_images,

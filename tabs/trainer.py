@@ -97,7 +97,10 @@ def build(studio, bus: Bus) -> TrainerTab:
             with gr.Row():
                 prior = gr.Checkbox(value=False, label="Prior preservation", elem_id="train-prior")
                 class_prompt = gr.Textbox(
-                    label="Class prompt", placeholder="a shape", elem_id="train-class-prompt"
+                    label="Class prompt (one per line for a regularisation set)",
+                    placeholder="a shape",
+                    lines=2,
+                    elem_id="train-class-prompt",
                 )
             with gr.Row():
                 prior_weight = gr.Number(value=DEFAULTS.prior_weight, label="Prior weight λ")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from studio.models import LoraRef, ModelManager
@@ -164,6 +165,37 @@ def test_dreambooth_saves_a_whole_model_and_caches_class_pictures(tiny_sd, stars
 
     assert models.catalog["tiny-db"].kind == "pipeline"
     assert pixels(models, model="tiny-db").shape == (64, 64, 3)
+
+
+def test_several_class_prompts_make_a_regularisation_set_cycled_through(tiny_sd, stars, models, tmp_path):
+    s = settings(
+        tiny_sd,
+        stars,
+        steps=2,
+        prior_preservation=True,
+        class_prompt="a red circle\n\n  a blue square  \n",
+        class_images=3,
+    )
+    assert s.class_prompts == ("a red circle", "a blue square")
+    trainer.run(s, models, Context(tmp_path / "run"))
+    (folder,) = (models.user_dir / "class-pictures").iterdir()
+    assert (folder / "prompt.txt").read_text().splitlines()[1:] == ["a red circle", "a blue square"]
+    assert len(list(folder.glob("*.png"))) == 3
+
+    defaults = models.resolve(str(tiny_sd)).defaults
+    with models.lend(str(tiny_sd)) as pipe:  # picture 1 is the base model's "a blue square"
+        expected = pipe(
+            ["a blue square"],
+            num_inference_steps=defaults.get("steps", 25),
+            guidance_scale=defaults.get("guidance", 7.5),
+            generator=[torch.Generator().manual_seed(1)],
+            output_type="np",
+        ).images[0]
+    stored = np.asarray(Image.open(folder / "0001.png"), dtype=np.int16)
+    assert np.abs(stored - np.round(expected * 255).astype(np.int16)).max() <= 1
+
+    with pytest.raises(SettingsError, match="2 class prompts but 1 class pictures"):
+        settings(tiny_sd, stars, prior_preservation=True, class_prompt=s.class_prompt, class_images=1)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,11 @@ Subject-Driven Generation").
 
 The whole UNet is fine-tuned on the instance pictures under a rare word ("a sks shape").
 Prior preservation (eq. 2) adds λ·‖ε̂(z_t', t', c_pr) − ε'‖² on pictures the base model made
-of the class ("a shape"), so the class keeps its meaning (no language drift). Those class
-pictures are generated once per (model, class prompt, resolution, seed) and cached.
+of the class ("a shape"), so the class keeps its meaning (no language drift). Several class
+prompts (one per line) widen c_pr into a regularisation set: picture i is made from prompt
+i mod n and trained under it, so compositions the single class never shows (two objects,
+relations, counts) are held in place too. Those class pictures are generated once per
+(model, class prompts, resolution, seed) and cached.
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ def save(pipe, s: TrainingSettings, folder: Path) -> Path:
 
 def class_pictures(
     pipe, s: TrainingSettings, source: str, resolution: int, cache: Path, defaults: dict, report
-) -> list:
-    """`s.class_images` pictures of `s.class_prompt` by the base model (before any training
-    patch), read from `cache` where an earlier run made them."""
-    key = hashlib.sha256(f"{source}|{s.class_prompt}|{resolution}|{s.seed}".encode()).hexdigest()[:16]
+) -> tuple[list, list[str]]:
+    """`s.class_images` pictures of the class prompts (cycled) by the base model (before any
+    training patch), read from `cache` where an earlier run made them; and each one's prompt."""
+    prompts = s.class_prompts
+    captions = [prompts[i % len(prompts)] for i in range(s.class_images)]
+    key = hashlib.sha256(f"{source}|{chr(10).join(prompts)}|{resolution}|{s.seed}".encode()).hexdigest()[:16]
     folder = cache / key
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "prompt.txt").write_text(f"{source}\n{s.class_prompt}\n")
+    (folder / "prompt.txt").write_text(f"{source}\n" + "\n".join(prompts) + "\n")
     pictures = []
     for start in range(0, s.class_images, CLASS_BATCH):
         indices = range(start, min(start + CLASS_BATCH, s.class_images))
@@ -50,7 +55,7 @@ def class_pictures(
         if missing:
             generators = [torch.Generator().manual_seed(s.seed * 100_003 + i) for i in missing]
             images = pipe(
-                [s.class_prompt] * len(missing),
+                [captions[i] for i in missing],
                 num_inference_steps=defaults.get("steps", 25),
                 guidance_scale=defaults.get("guidance", 7.5),
                 width=resolution,
@@ -61,4 +66,4 @@ def class_pictures(
                 image.save(folder / f"{i:04d}.png")
         pictures += [Image.open(folder / f"{i:04d}.png").convert("RGB") for i in indices]
         report(len(pictures), s.class_images)
-    return pictures
+    return pictures, captions

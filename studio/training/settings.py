@@ -32,7 +32,7 @@ class TrainingSettings(Settings):
     model: str = "toy-sd"
     images: str = ""  # a folder of instance pictures (captions: same-name .txt files, else the prompt)
     instance_prompt: str = "a sks shape"
-    class_prompt: str = ""  # prior preservation's class, e.g. "a shape"
+    class_prompt: str = ""  # prior preservation's class, e.g. "a shape"; one per line for a regularisation set
     prior_preservation: bool = False
     prior_weight: float = 1.0  # λ of Ruiz et al.'s eq. 2
     class_images: int = 50  # generated once by the base model, then cached
@@ -73,6 +73,11 @@ class TrainingSettings(Settings):
             raise SettingsError("prior preservation is for LoRA and DreamBooth, not textual inversion")
         check_float("prior weight", self.prior_weight, 0.0, 10.0)
         check_int("class images", self.class_images, 1, 1000)
+        if self.prior_preservation and len(self.class_prompts) > self.class_images:
+            raise SettingsError(
+                f"{len(self.class_prompts)} class prompts but {self.class_images} class pictures: "
+                "each prompt needs at least one picture"
+            )
         check_int("steps", self.steps, 1, 100_000)
         check_float("learning rate", self.learning_rate, 1e-8, 1.0)
         check_int("batch size", self.batch_size, 1, 64)
@@ -97,6 +102,12 @@ class TrainingSettings(Settings):
         check_int("sample every", self.sample_every, 1, 100_000)
         if self.name and not NAME.match(self.name):
             raise SettingsError("the name may use letters, digits, '.', '_' and '-' (up to 64)")
+
+    @property
+    def class_prompts(self) -> tuple[str, ...]:
+        """The class prompt's lines: one is Ruiz et al.'s class ("a shape"); several make a
+        regularisation set (kohya's "reg images") whose pictures cycle through them."""
+        return tuple(line.strip() for line in self.class_prompt.splitlines() if line.strip())
 
     @property
     def output_name(self) -> str:

@@ -47,7 +47,7 @@ def run(s: TrainingSettings, models, ctx) -> dict:
         # 1. Pictures: the instance set, and the class set the base model makes (prior preservation).
         pictures = data.load_pictures(s.images, s.instance_prompt, resolution, s.crop)
         ctx.report(0, s.steps, pictures.describe())
-        prior = []
+        prior = ([], [])  # class pictures and their prompts
         if s.prior_preservation:
             cache = models.user_dir / "class-pictures" if models.user_dir else out_dir / "class-pictures"
             prior = dreambooth.class_pictures(
@@ -188,12 +188,13 @@ def _loss(pipe, s, encode, noise_scheduler, pictures, prior, generator, device) 
     picks = torch.randint(0, len(pictures.pictures), (s.batch_size,), generator=generator).tolist()
     views = [("instance", i) for i in picks]
     captions = [pictures.captions[i] for i in picks]
-    if prior:
-        picks = torch.randint(0, len(prior), (s.batch_size,), generator=generator).tolist()
+    class_pictures, class_captions = prior
+    if class_pictures:
+        picks = torch.randint(0, len(class_pictures), (s.batch_size,), generator=generator).tolist()
         views += [("class", i) for i in picks]
-        captions += [s.class_prompt] * s.batch_size
+        captions += [class_captions[i] for i in picks]
     res = pictures.resolution
-    sources = {"instance": pictures.pictures, "class": prior}
+    sources = {"instance": pictures.pictures, "class": class_pictures}
     pixels, keys = [], []
     for kind, i in views:
         flipped = s.flip and bool(torch.rand((), generator=generator) < 0.5)
@@ -212,7 +213,7 @@ def _loss(pipe, s, encode, noise_scheduler, pictures, prior, generator, device) 
     )
     pred = pipe.unet(zt, t, encoder_hidden_states=encode.text(captions)).sample
     errors = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
-    if not prior:
+    if not class_pictures:
         return errors.mean()
     return errors[: s.batch_size].mean() + s.prior_weight * errors[s.batch_size :].mean()
 
