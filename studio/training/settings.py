@@ -32,7 +32,7 @@ class TrainingSettings(Settings):
     model: str = "toy-sd"
     images: str = ""  # a folder of instance pictures (captions: same-name .txt files, else the prompt)
     instance_prompt: str = "a sks shape"
-    class_prompt: str = ""  # prior preservation's class, e.g. "a shape"; one per line for a regularisation set
+    class_prompt: str = ""  # prior preservation's class ("a shape"); one per line: a regularisation set
     prior_preservation: bool = False
     prior_weight: float = 1.0  # λ of Ruiz et al.'s eq. 2
     class_images: int = 50  # generated once by the base model, then cached
