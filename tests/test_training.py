@@ -107,6 +107,38 @@ def test_fused_lora_matches_the_unfused_one(tiny_sd, stars, models, tmp_path):
     assert np.abs(unfused - fused).max() < 1e-4
 
 
+def test_every_trained_layer_loads_back_at_the_trained_scale(tiny_sd, stars, models, tmp_path):
+    """Attention, resnet and feed-forward targets plus the text encoder, α ≠ r: after
+    `load_lora_weights` every layer the file holds carries its weights, scaled by α/r."""
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "ff.net.2")
+    s = settings(tiny_sd, stars, rank=2, alpha=6.0, targets=targets, train_text_encoder=True, name="mixed")
+    result = trainer.run(s, models, Context(tmp_path / "run"))
+    stored = load_file(result["installed"])
+    with models.lend(str(tiny_sd)) as pipe:
+        pipe.load_lora_weights(result["installed"], adapter_name="mixed")
+        try:
+            for prefix, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+                wanted = {
+                    k[len(prefix) + 1 : -len(".lora_A.weight")]
+                    for k in stored
+                    if k.startswith(prefix + ".") and k.endswith("lora_A.weight")
+                }
+                loaded = {
+                    name: m
+                    for name, m in model.named_modules()
+                    if hasattr(m, "lora_A") and "mixed" in m.lora_A
+                }
+                assert wanted and set(loaded) == wanted
+                for name, module in loaded.items():
+                    assert torch.equal(
+                        module.lora_A["mixed"].weight, stored[f"{prefix}.{name}.lora_A.weight"]
+                    )
+                    assert module.scaling["mixed"] == pytest.approx(3.0)
+        finally:
+            pipe.unload_lora_weights()
+    assert any("attn1.to_q" in k for k in stored) and any("conv1" in k for k in stored)
+
+
 def test_a_resumed_run_ends_where_the_straight_one_does(tiny_sd, stars, models, tmp_path):
     straight = trainer.run(
         settings(tiny_sd, stars, steps=6, checkpoint_every=3), models, Context(tmp_path / "a")

@@ -45,16 +45,23 @@ def prepare(pipe, s: TrainingSettings) -> tuple[list, None]:
 
 
 def save(pipe, s: TrainingSettings, folder: Path) -> Path:
-    """`folder/<name>.safetensors` in the diffusers LoRA layout (unet.* / text_encoder.* keys)."""
+    """`folder/<name>.safetensors`: peft-format keys (`unet.*.lora_A.weight`, `text_encoder.*`)
+    for every target, and each adapter's LoraConfig (rank, alpha, targets) as the file's
+    metadata, so `load_lora_weights` restores every layer at the trained scale α/r.
+
+    Not diffusers' `convert_state_dict_to_diffusers`: it renames only attention layers
+    (`lora.down`), so a file with resnet or feed-forward targets mixed both layouts, and the
+    loader, judging the layout by the first key, silently dropped the attention half."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))}
+    layers = {
+        "unet_lora_layers": get_peft_model_state_dict(pipe.unet),
+        "unet_lora_adapter_metadata": pipe.unet.peft_config["default"].to_dict(),
+    }
     if s.train_text_encoder:
-        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
-            get_peft_model_state_dict(pipe.text_encoder)
-        )
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(pipe.text_encoder)
+        layers["text_encoder_lora_adapter_metadata"] = pipe.text_encoder.peft_config["default"].to_dict()
     name = f"{s.output_name}.safetensors"
     StableDiffusionPipeline.save_lora_weights(folder, weight_name=name, safe_serialization=True, **layers)
     return folder / name
