@@ -59,6 +59,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                         ("editing", "editing"),
                         ("ControlNet", "controlnet"),
                         ("IP-Adapter", "ip_adapter"),
+                        ("evaluation", "evaluation"),
                     ],
                 )
 

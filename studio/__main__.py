@@ -8,6 +8,8 @@
     python -m studio controlnet --controlnet toy-sd-controlnet-canny --image in.png --prompt "a red circle" --out out.png
     python -m studio ip-adapter --adapter toy-ip-adapter --reference ref.png --prompt "a shape on the left" --out out.png
     python -m studio instantid --model sdxl-base --face face.jpg --prompt "a portrait, oil painting" --out out.png
+    python -m studio evaluate --metric fid --metric pickscore --gallery-ids 3,4,5 --out-dir eval/
+    python -m studio convert-inception pt_inception-2015-12-05-6726825d.pth   # once: FID over Inception-V3
     python -m studio train --method lora --images stars/ --instance-prompt "a sks shape" --out runs/star
     python -m studio models
 
@@ -77,6 +79,16 @@ def adapter_arg(text: str) -> tuple[str, float | None]:
         except ValueError:
             pass
     return text, None
+
+
+def gallery_ids_arg(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gallery-ids takes ids like 3,4,5, not {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--gallery-ids takes ids like 3,4,5")
+    return ids
 
 
 def preprocessor_names() -> list[str]:
@@ -264,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("file", type=Path)
 
     v = sub.add_parser(
-        "evaluate", help="score models (or pictures) by FID, CLIP-Score, toy GenEval", parents=[common]
+        "evaluate",
+        help="score models (or pictures) by FID, CLIP-Score, toy GenEval, PickScore, HPSv2",
+        parents=[common],
     )
     v.add_argument(
         "--metric",
@@ -276,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", action="append", help="generate with this model (repeat for several)")
     what.add_argument(
         "--images", type=Path, help="score the PNGs in this folder instead (prompts from their metadata)"
+    )
+    what.add_argument(
+        "--gallery-ids", type=gallery_ids_arg, help="score these gallery pictures instead, e.g. 3,4,5"
     )
     v.add_argument(
         "--prompts",
@@ -298,8 +315,29 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--per-category", type=int, default=12, help="toy GenEval prompts per category")
     v.add_argument("--clip-model", help="a CLIP folder for CLIP-Score and FID features (default: toy-clip)")
     v.add_argument("--reference", type=Path, help="reference pictures for FID (default: toy-world renders)")
+    v.add_argument(
+        "--fid-features",
+        default="auto",
+        help="inception, clip, or auto (default): Inception-V3 once convert-inception installed it, else CLIP",
+    )
     v.add_argument("--out-dir", type=Path, required=True, help="gets results.json and the plots")
     v.add_argument("--no-gallery", action="store_true", help="do not store the results into the gallery")
+
+    n = sub.add_parser(
+        "convert-inception",
+        help="convert FID's Inception-V3 .pth (torch-fidelity / pytorch-fid) to safetensors in the library",
+        parents=[common],
+    )
+    n.add_argument(
+        "file", type=Path, help="pt_inception-2015-12-05-6726825d.pth (or torch-fidelity's weights-…)"
+    )
+    h = sub.add_parser(
+        "convert-hpsv2",
+        help="convert HPS v2's checkpoint (HPS_v2_compressed.pt) to safetensors in the library",
+        parents=[common],
+    )
+    h.add_argument("file", type=Path, help="HPS_v2_compressed.pt from xswu/HPSv2")
+    h.add_argument("--arch", default="ViT-H-14", help="the open_clip architecture it fine-tunes")
 
     a = sub.add_parser(
         "convert-annotator",
@@ -600,6 +638,23 @@ def convert_ip_adapter_command(args, studio) -> int:
     return 0
 
 
+def convert_inception_command(args, studio) -> int:
+    """FID's Inception-V3 weights into the library's metrics folder, where evaluations find them."""
+    from .evaluate import metrics_folder
+    from .inception import WEIGHTS_NAME, convert_inception
+
+    print(convert_inception(args.file, metrics_folder(studio.models) / WEIGHTS_NAME))
+    return 0
+
+
+def convert_hpsv2_command(args, studio) -> int:
+    from .evaluate import metrics_folder
+    from .preference import HPSV2_NAME, convert_hpsv2
+
+    print(convert_hpsv2(args.file, metrics_folder(studio.models) / HPSV2_NAME, args.arch))
+    return 0
+
+
 def evaluate_command(args, studio) -> int:
     """results.json (one key per metric) and one PNG per figure in --out-dir."""
     import json
@@ -613,9 +668,8 @@ def evaluate_command(args, studio) -> int:
     if args.prompts:
         prompts = tuple(_read_lines(args.prompts))
     metrics = tuple(args.metric)
-    prompt_set = (
-        "custom" if prompts else "toy-geneval" if "toy-geneval" in metrics or args.images else "general"
-    )
+    scoring = args.images is not None or args.gallery_ids is not None
+    prompt_set = "custom" if prompts else "toy-geneval" if "toy-geneval" in metrics or scoring else "general"
     extra = {"clip_model": args.clip_model} if args.clip_model else {}
     settings = EvaluationSettings(
         metrics=metrics,
@@ -631,6 +685,8 @@ def evaluate_command(args, studio) -> int:
         reference=str(args.reference) if args.reference else None,
         lora=args.lora,
         images=str(args.images) if args.images else None,
+        gallery_ids=args.gallery_ids or (),
+        fid_features=args.fid_features,
         **extra,
     )
 
@@ -784,6 +840,8 @@ def main(argv=None) -> int:
         "instantid": instantid_command,
         "convert-ip-adapter": convert_ip_adapter_command,
         "convert-annotator": convert_annotator_command,
+        "convert-inception": convert_inception_command,
+        "convert-hpsv2": convert_hpsv2_command,
         "evaluate": evaluate_command,
         "train": train_command,
         "models": models_command,

@@ -6,14 +6,17 @@ Metrics (see `studio.metrics` for the formulas):
 - clip-score: 100 · max(cos, 0) between image and prompt embeddings of a CLIP model (the toy
   CLIP offline, a real one given as `clip_model` where it is on disk);
 - fid: Fréchet distance between the generated images' features and a reference set's (a
-  folder, or for toy models 2,000 fresh toy-world renders), over that CLIP's image
-  embeddings, so labelled: not Inception's FID, whose weights the studio doesn't ship;
-- imagereward, hpsv2, pickscore: human-preference models; without them on disk each run is
-  refused with what is missing.
+  folder, or for toy models 2,000 fresh toy-world renders), over Inception-V3's pool3
+  features with torch-fidelity's conventions (`studio.inception`) where its weights were
+  converted into the library's metrics folder, else over that CLIP's image embeddings, so
+  labelled: not Inception's FID (`fid_features` forces one or the other);
+- pickscore, hpsv2 (`studio.preference`): human-preference models, the mean over the pictures;
+  imagereward, and either of them without its weights on disk, is refused with what is missing.
 The axis is guidance, steps, sampler or the weight of one LoRA (`lora`: a catalog name, trained
 ones included, or a .safetensors file; weight 0 generates without it).
-With `images` (a folder of PNGs) nothing is generated: the folder's pictures are scored as
-one cell, each against the prompt its PNG metadata records (`score_pictures`).
+With `images` (a folder of PNGs) or `gallery_ids` (gallery pictures) nothing is generated: the
+pictures are scored as one cell, each against the prompt its PNG metadata (or its gallery
+record) holds (`score_pictures`).
 Every cell (model, axis value) draws `samples` seeds per prompt, seeds seed..seed+samples-1,
 the same in every cell, in batches through the model manager's pipeline.
 """
@@ -26,6 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from . import preference
+from .inception import SPACE as INCEPTION_SPACE
+from .inception import WEIGHTS_NAME as INCEPTION_WEIGHTS
 from .models import REPO_ROOT, LoraRef, ModelError, ModelManager
 from .settings import Settings, SettingsError, check_float, check_int
 
@@ -33,6 +41,8 @@ METRICS = ("toy-geneval", "clip-score", "fid", "imagereward", "hpsv2", "pickscor
 AXES = ("guidance", "steps", "scheduler", "lora")
 LORA_WEIGHTS = (-4.0, 4.0)  # as txt2img allows
 PROMPT_SETS = ("toy-geneval", "general", "custom")
+FID_FEATURES = ("auto", "inception", "clip")  # auto: Inception-V3 where its weights are, else CLIP
+MAX_PICTURES = 10_000
 GENERAL_PROMPTS = (
     "a red circle on the left",
     "a large blue square on a white background",
@@ -43,11 +53,6 @@ GENERAL_PROMPTS = (
     "a watercolour painting of a lighthouse at dusk",
     "a close-up portrait of an old fisherman, 85mm",
 )
-PREFERENCE_MODELS = {
-    "imagereward": "the ImageReward package and its ImageReward-v1.0 weights (pip install image-reward)",
-    "hpsv2": "the hpsv2 package and its HPS_v2 compressed checkpoint (pip install hpsv2)",
-    "pickscore": "yuvalkirstain/PickScore_v1 and laion/CLIP-ViT-H-14-laion2B-s32B-b79K in the Hugging Face cache",
-}
 BATCH = 32
 REFERENCE_RENDERS = 2000
 
@@ -73,6 +78,8 @@ class EvaluationSettings(Settings):
     reference: str | None = None  # a folder of reference images for FID
     lora: str = ""  # the LoRA whose weight the "lora" axis sets (a catalog name or .safetensors file)
     images: str | None = None  # a folder of PNGs to score instead of generating (the fields above unused)
+    fid_features: str = "auto"  # inception, clip, or auto: Inception-V3 where its weights are, else CLIP
+    gallery_ids: tuple[int, ...] = ()  # gallery pictures to score instead of generating
 
     def __post_init__(self):
         if not self.metrics:
@@ -80,6 +87,18 @@ class EvaluationSettings(Settings):
         for metric in self.metrics:
             if metric not in METRICS:
                 raise SettingsError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        if self.fid_features not in FID_FEATURES:
+            raise SettingsError(
+                f"FID features must be one of {', '.join(FID_FEATURES)}, not {self.fid_features!r}"
+            )
+        if self.gallery_ids:
+            if self.images is not None:
+                raise SettingsError("score a folder of pictures or gallery pictures, not both")
+            if len(self.gallery_ids) > MAX_PICTURES:
+                raise SettingsError(f"at most {MAX_PICTURES} gallery pictures, not {len(self.gallery_ids)}")
+            for item_id in self.gallery_ids:
+                check_int("a gallery id", item_id, 1, 2**63 - 1)
+            return  # scoring gallery pictures: the models, prompts and grid are not used
         if self.images is not None:
             if not isinstance(self.images, str) or not self.images.strip():
                 raise SettingsError(
@@ -125,6 +144,11 @@ class EvaluationSettings(Settings):
     @property
     def prompt(self) -> str:
         return f"evaluation of {', '.join(self.models)}"
+
+    @property
+    def scores_pictures(self) -> bool:
+        """Whether existing pictures (a folder or gallery items) are scored, not generated ones."""
+        return self.images is not None or bool(self.gallery_ids)
 
 
 def value_name(axis: str) -> str:
@@ -202,24 +226,46 @@ def prompt_list(s: EvaluationSettings) -> list[tuple[str, str]]:
     return [("", p) for p in prompts]
 
 
-def check_metrics_available(s: EvaluationSettings) -> None:
+def metrics_folder(models: ModelManager) -> Path | None:
+    """Where the studio looks for metric weights: metrics/ in its library (data/library/metrics)."""
+    return models.user_dir / "metrics" if models.user_dir else None
+
+
+def inception_weights(models: ModelManager) -> Path | None:
+    """The converted FID Inception-V3 weights (`python -m studio convert-inception`), if there."""
+    folder = metrics_folder(models)
+    return folder / INCEPTION_WEIGHTS if folder and (folder / INCEPTION_WEIGHTS).is_file() else None
+
+
+def check_metrics_available(s: EvaluationSettings, models: ModelManager) -> None:
+    folder = metrics_folder(models)
     for metric in s.metrics:
-        if metric in PREFERENCE_MODELS:
-            raise ModelError(f"{metric} needs {PREFERENCE_MODELS[metric]}; none is on this machine")
+        why = preference.missing(metric, folder) if metric in preference.METRICS else ""
+        if why:
+            raise ModelError(why)
+    if "fid" in s.metrics and s.fid_features == "inception" and inception_weights(models) is None:
+        raise ModelError(
+            f"FID over Inception-V3 needs {folder / INCEPTION_WEIGHTS if folder else INCEPTION_WEIGHTS}: "
+            "convert torch-fidelity's weights-inception-2015-12-05-6726825d.pth (pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth) once with python -m studio convert-inception FILE"
+        )
     if "fid" in s.metrics and s.reference is not None and not Path(s.reference).is_dir():
         raise SettingsError(f"the FID reference folder {s.reference} does not exist")
 
 
-def check(s: EvaluationSettings, models: ModelManager) -> None:
+def check(s: EvaluationSettings, models: ModelManager, gallery=None) -> None:
     """Refuse, without loading anything, what `run` would refuse: missing metrics, unknown
     models, samplers a model can't take, a LoRA that is missing or for another family, a
-    folder of pictures without PNGs."""
+    folder of pictures without PNGs, gallery ids with no picture."""
     from .schedulers import check_scheduler
     from .txt2img import model_defaults
 
-    check_metrics_available(s)
+    check_metrics_available(s, models)
     if s.images is not None:
         picture_files(s.images)
+        return
+    if s.gallery_ids:
+        gallery_items(gallery, s.gallery_ids)
         return
     for model in s.models:
         spec = models.resolve(model)
@@ -235,6 +281,8 @@ def image_count(s: EvaluationSettings) -> int:
     """How many images a run generates (or, scoring a folder, scores)."""
     if s.images is not None:
         return len(picture_files(s.images))
+    if s.gallery_ids:
+        return len(s.gallery_ids)
     return len(prompt_list(s)) * s.samples * len(s.models) * len(s.values)
 
 
@@ -265,6 +313,25 @@ def folder_pictures(folder: str) -> tuple[list, list[str]]:
             prompt = meta.infotext.split("\n")[0]
         prompts.append(prompt or "")
     return pictures, prompts
+
+
+def gallery_items(gallery, ids: tuple[int, ...]) -> list:
+    """The gallery items of `ids`, in order; ids with no item are named."""
+    if gallery is None:
+        raise SettingsError("gallery pictures are scored through the studio, which has the gallery")
+    items = [gallery.get(i) for i in ids]
+    lost = [str(i) for i, item in zip(ids, items, strict=True) if item is None]
+    if lost:
+        raise SettingsError(f"the gallery has no picture with id {', '.join(lost)}")
+    return items
+
+
+def gallery_pictures(gallery, ids: tuple[int, ...]) -> tuple[list, list[str]]:
+    """Gallery pictures and the prompt each one's record holds."""
+    from .images import open_image
+
+    items = gallery_items(gallery, ids)
+    return [open_image(item.image_path) for item in items], [item.prompt for item in items]
 
 
 def generate(models: ModelManager, model: str, axis: str, value, jobs, s: EvaluationSettings, on_batch):
@@ -322,19 +389,60 @@ def reference_images(s: EvaluationSettings, n: int = REFERENCE_RENDERS) -> tuple
 _REFERENCE_CACHE: dict = {}
 
 
-def reference_features(s: EvaluationSettings, clip):
-    """The reference set's features, computed once a process per CLIP model and reference
-    (a folder counts as changed when any file's name, size or time changes)."""
+def reference_features(s: EvaluationSettings, embedder):
+    """The reference set's features, computed once a process per feature extractor (its weights)
+    and reference (a folder counts as changed when any file's name, size or time changes)."""
     files = ()
     if s.reference and Path(s.reference).is_dir():
         files = tuple(
             (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(s.reference).iterdir())
         )
-    key = (s.clip_model, s.reference, files)
+    key = (embedder.key, s.reference, files)
     if key not in _REFERENCE_CACHE:
         pictures, described = reference_images(s)
-        _REFERENCE_CACHE[key] = (clip.image_features(pictures), described)
+        _REFERENCE_CACHE[key] = (embedder.image_features(pictures), described)
     return _REFERENCE_CACHE[key]
+
+
+class Scorers:
+    """The models of a run's metrics, loaded once: the CLIP model (CLIP-Score, and FID when it
+    isn't over Inception), FID's feature extractor, the preference scorers."""
+
+    def __init__(self, s: EvaluationSettings, models: ModelManager):
+        from .inception import InceptionEmbedder
+        from .metrics import ClipEmbedder
+
+        self.metrics = s.metrics
+        weights = inception_weights(models)
+        inception = "fid" in s.metrics and s.fid_features != "clip" and weights is not None
+        wants_clip = "clip-score" in s.metrics or ("fid" in s.metrics and not inception)
+        self.clip = ClipEmbedder(s.clip_model, models.device) if wants_clip else None
+        self.fid = InceptionEmbedder(weights, models.device) if inception else self.clip
+        folder = metrics_folder(models)
+        self.preference = {
+            m: preference.load(m, folder, models.device) for m in s.metrics if m in preference.METRICS
+        }
+
+    def fid_note(self, described: str) -> str:
+        if self.fid is self.clip:
+            return f"FID over {self.clip.space}, against {described}; not Inception-V3's FID"
+        return f"FID over {INCEPTION_SPACE}, against {described}"
+
+    def score(self, images: list, prompts: list[str], reference) -> tuple[dict, str]:
+        """Every metric but toy GenEval for pictures and their prompts; and FID's warning."""
+        from .metrics import clip_score, fid
+
+        scores, warning = {}, ""
+        clip_features = self.clip.image_features(images) if self.clip is not None else None
+        if "clip-score" in self.metrics:
+            scores["clip-score"] = round(clip_score(clip_features, self.clip.text_features(prompts)), 4)
+        if "fid" in self.metrics:
+            features = clip_features if self.fid is self.clip else self.fid.image_features(images)
+            result = fid(features, reference, self.fid.space)
+            scores["fid"], warning = round(result.value, 4), result.warning
+        for metric, scorer in self.preference.items():
+            scores[metric] = round(float(np.mean(scorer.scores(images, prompts))), 4)
+        return scores, warning
 
 
 def run(
@@ -342,26 +450,31 @@ def run(
     models: ModelManager,
     *,
     on_progress: Callable[[int, int], None] | None = None,
+    gallery=None,
 ) -> EvaluationReport:
     """Generate every cell, then score it; `on_progress(done, total)` (images generated, after
     each batch and, with `done` unchanged, after every denoising step) may raise Cancelled.
-    With `settings.images`, score that folder's pictures instead."""
-    from .metrics import ClipEmbedder, clip_score, fid
+    With `settings.images` or `settings.gallery_ids` (items of `gallery`), score those
+    pictures instead."""
     from .toyworld.judge import satisfies
 
     # 1. Refuse what can't run before generating anything.
     s = settings
-    check(s, models)
-    if s.images is not None:
-        pictures, prompts = folder_pictures(s.images)
+    check(s, models, gallery)
+    if s.scores_pictures:
+        if s.images is not None:
+            pictures, prompts = folder_pictures(s.images)
+        else:
+            pictures, prompts = gallery_pictures(gallery, s.gallery_ids)
         if on_progress is not None:
             on_progress(0, len(pictures))
-        report = score_pictures(s, pictures, prompts)
+        report = score_pictures(s, pictures, prompts, models)
         if on_progress is not None:
             on_progress(len(pictures), len(pictures))
         return report
     pairs = prompt_list(s)
     jobs = [(p, s.seed + k) for _, p in pairs for k in range(s.samples)]
+    prompts = [p for p, _ in jobs]
     categories = [c for c, _ in pairs for _ in range(s.samples)]
     grid = [(m, v) for m in s.models for v in s.values]
     total, done = len(jobs) * len(grid), 0
@@ -374,13 +487,12 @@ def run(
         if on_progress is not None:
             on_progress(done, total)
 
-    # 2. The CLIP embedder and the FID reference features, once.
-    clip = ClipEmbedder(s.clip_model) if {"clip-score", "fid"} & set(s.metrics) else None
-    text_features = clip.text_features([p for p, _ in jobs]) if clip and "clip-score" in s.metrics else None
+    # 2. The metrics' models and the FID reference features, once.
+    scorers = Scorers(s, models)
     reference = None
     if "fid" in s.metrics:
-        reference, described = reference_features(s, clip)
-        notes.append(f"FID over {clip.space}, against {described}; not Inception-V3's FID")
+        reference, described = reference_features(s, scorers.fid)
+        notes.append(scorers.fid_note(described))
 
     # 3. Each cell: generate, then score.
     cells = []
@@ -391,22 +503,17 @@ def run(
         if "toy-geneval" in s.metrics:
             from .toyworld.geneval import CATEGORIES, HELD_OUT
 
-            oks = [satisfies(image, p) for image, (p, _) in zip(images, jobs, strict=True)]
+            oks = [satisfies(image, p) for image, p in zip(images, prompts, strict=True)]
             for category in CATEGORIES + (HELD_OUT,):
                 hits = [ok for ok, c in zip(oks, categories, strict=True) if c == category]
                 cell.per_category[category] = round(sum(hits) / len(hits), 4)
             cell.scores["toy-geneval"] = round(
                 sum(cell.per_category[c] for c in CATEGORIES) / len(CATEGORIES), 4
             )
-        if clip is not None:
-            features = clip.image_features(images)
-            if "clip-score" in s.metrics:
-                cell.scores["clip-score"] = round(clip_score(features, text_features), 4)
-            if "fid" in s.metrics:
-                result = fid(features, reference, clip.space)
-                cell.scores["fid"] = round(result.value, 4)
-                if result.warning and result.warning not in notes:
-                    notes.append(result.warning)
+        scores, warning = scorers.score(images, prompts, reference)
+        cell.scores.update(scores)
+        if warning and warning not in notes:
+            notes.append(warning)
         cell.seconds = round(time.perf_counter() - cell_started, 1)
         cells.append(cell)
     report = EvaluationReport(s, cells, notes, round(time.perf_counter() - started, 1))
@@ -414,16 +521,17 @@ def run(
     return report
 
 
-def score_pictures(s: EvaluationSettings, pictures: list, prompts: list[str]) -> EvaluationReport:
+def score_pictures(
+    s: EvaluationSettings, pictures: list, prompts: list[str], models: ModelManager
+) -> EvaluationReport:
     """Score existing pictures (no generation): one cell named "pictures"; toy-geneval is then
     the share the judge finds satisfying their own prompts."""
-    from .metrics import ClipEmbedder, clip_score, fid
     from .toyworld.judge import satisfies
 
-    check_metrics_available(s)
+    check_metrics_available(s, models)
     started = time.perf_counter()
     cell, notes = Cell("pictures", "-", images=pictures), []
-    if "toy-geneval" in s.metrics or "clip-score" in s.metrics:
+    if {"toy-geneval", "clip-score", *preference.METRICS} & set(s.metrics):
         missing = [i for i, p in enumerate(prompts) if not p]
         if missing:
             raise SettingsError(
@@ -434,18 +542,14 @@ def score_pictures(s: EvaluationSettings, pictures: list, prompts: list[str]) ->
             sum(satisfies(im, p) for im, p in zip(pictures, prompts, strict=True)) / len(pictures), 4
         )
         notes.append("toy-geneval on given pictures: the share the judge finds satisfying their own prompts")
-    if {"clip-score", "fid"} & set(s.metrics):
-        clip = ClipEmbedder(s.clip_model)
-        features = clip.image_features(pictures)
-        if "clip-score" in s.metrics:
-            cell.scores["clip-score"] = round(clip_score(features, clip.text_features(prompts)), 4)
-        if "fid" in s.metrics:
-            reference, described = reference_features(s, clip)
-            result = fid(features, reference, clip.space)
-            cell.scores["fid"] = round(result.value, 4)
-            notes += [f"FID over {clip.space}, against {described}; not Inception-V3's FID"] + (
-                [result.warning] if result.warning else []
-            )
+    scorers = Scorers(s, models)
+    reference = None
+    if "fid" in s.metrics:
+        reference, described = reference_features(s, scorers.fid)
+        notes.append(scorers.fid_note(described))
+    scores, warning = scorers.score(pictures, prompts, reference)
+    cell.scores.update(scores)
+    notes += [warning] if warning else []
     report = EvaluationReport(
         s.replace(models=("pictures",), values=("-",), lora=""),
         [cell],

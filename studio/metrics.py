@@ -86,6 +86,7 @@ class ClipEmbedder:
         self.tokenizer = CLIPTokenizer.from_pretrained(folder)
         self.device = device
         self.space = f"CLIP image embeddings of {folder}"
+        self.key = str(folder)  # what the features depend on (reference features are cached by it)
 
     def image_features(self, images, batch: int = 256) -> np.ndarray:
         import torch
@@ -94,7 +95,7 @@ class ClipEmbedder:
         with torch.no_grad():
             for i in range(0, len(images), batch):
                 pixels = self.processor(images=images[i : i + batch], return_tensors="pt").pixel_values
-                out.append(_projected(self.model.get_image_features(pixel_values=pixels.to(self.device))))
+                out.append(projected(self.model.get_image_features(pixel_values=pixels.to(self.device))))
         return np.concatenate(out)
 
     def text_features(self, texts) -> np.ndarray:
@@ -104,10 +105,10 @@ class ClipEmbedder:
             list(texts), padding="max_length", truncation=True, return_tensors="pt"
         ).input_ids
         with torch.no_grad():
-            return _projected(self.model.get_text_features(input_ids=ids.to(self.device)))
+            return projected(self.model.get_text_features(input_ids=ids.to(self.device)))
 
 
-def _projected(output) -> np.ndarray:
+def projected(output) -> np.ndarray:
     """The projected embeddings: transformers 5 returns them as `pooler_output`, 4 as a tensor."""
     import torch
 

@@ -299,10 +299,10 @@ class Studio:
     def evaluate(self, settings: evaluate.EvaluationSettings, *, on_progress=None, store: bool = True):
         """Generate and score; stores the figures (technique "evaluation") and the numbers
         (results.json's dict plus the run's "notes")."""
-        report = evaluate.run(settings, self.models, on_progress=on_progress)
+        report = evaluate.run(settings, self.models, on_progress=on_progress, gallery=self.gallery)
         if not store:
             return report, None
-        settings = report.settings  # scoring a folder: its one cell is named "pictures"
+        settings = report.settings  # scoring pictures: its one cell is named "pictures"
         figure_ids = [
             self.gallery.add(
                 picture, technique="evaluation", model=", ".join(settings.models), prompt=name, settings={}
@@ -319,9 +319,9 @@ class Studio:
         loading anything is refused here. The job stores the evaluation as `evaluate` does;
         its result is results.json's dict plus "figures" ({name: PNG path in its out_dir}),
         "notes", "evaluation_id" and "seconds"."""
-        evaluate.check(settings, self.models)
+        evaluate.check(settings, self.models, self.gallery)
         total = evaluate.image_count(settings)
-        what = "images generated" if settings.images is None else "pictures scored"
+        what = "pictures scored" if settings.scores_pictures else "images generated"
 
         def work(ctx: JobContext) -> dict:
             ctx.report(0, total, "loading the models and the metrics")

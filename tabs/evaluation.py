@@ -7,6 +7,8 @@ The job outlives the browser: a reopened page shows the latest job, and the jobs
 lists the others. When a job is done: the plots (X/Y grid, score against the axis, toy
 GenEval per category), the numbers and the run's notes (FID's small-N warning among them).
 Past evaluations come from the gallery; picking one shows its numbers and plots.
+Instead of generating, the tab scores a folder of PNGs or gallery pictures by id (the gallery's
+"Send to evaluation" adds the shown picture's id).
 
 API (a hidden button, for gradio_client): `/evaluate(settings)`, `settings` an
 EvaluationSettings dict or its JSON text; runs the job, waits for it, and returns the
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.evaluate import AXES, METRICS, PROMPT_SETS, EvaluationSettings, results_table
+from studio.evaluate import AXES, FID_FEATURES, METRICS, PROMPT_SETS, EvaluationSettings, results_table
 from studio.models import PIPELINES
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
@@ -80,6 +82,20 @@ def split_values(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in (text or "").split(",") if v.strip())
 
 
+def gallery_ids(text: str) -> tuple[int, ...]:
+    """Gallery ids typed as "3, 4, 5" (or sent from the gallery, one at a time)."""
+    ids = []
+    for part in split_values((text or "").replace(" ", ",")):
+        if not part.lstrip("#").isdigit():
+            raise SettingsError(f"gallery ids are whole numbers like 3, 4, 5, not {part!r}")
+        ids.append(int(part.lstrip("#")))
+    if not ids:
+        raise SettingsError(
+            "give the gallery ids of the pictures to score (e.g. 3, 4, 5), or send them from the gallery"
+        )
+    return tuple(ids)
+
+
 def _given(value, default):
     """An empty number box means the default."""
     return default if value is None else value
@@ -90,6 +106,8 @@ def axis_text(settings: dict) -> str:
     scoring a folder, the folder)."""
     if settings.get("images"):
         return f"pictures in {settings['images']}"
+    if settings.get("gallery_ids"):
+        return f"gallery pictures {', '.join(map(str, settings['gallery_ids']))}"
     text = f"{settings.get('axis')} {', '.join(settings.get('values', ()))}"
     return f"{text} of {settings['lora']}" if settings.get("lora") else text
 
@@ -105,10 +123,11 @@ def build(studio, bus: Bus) -> EvaluationTab:
     with gr.Row():
         with gr.Column(scale=2):
             mode = gr.Radio(
-                ["generate", "pictures"],
+                ["generate", "pictures", "gallery"],
                 value="generate",
                 label="Score",
-                info="generate: models × a settings axis; pictures: a folder of PNGs as they are",
+                info="generate: models × a settings axis; pictures: a folder of PNGs as they are; "
+                "gallery: gallery pictures by id",
                 elem_id="eval-mode",
             )
             images = gr.Textbox(
@@ -116,11 +135,18 @@ def build(studio, bus: Bus) -> EvaluationTab:
                 visible=False,
                 elem_id="eval-images",
             )
+            gallery_box = gr.Textbox(
+                label="Gallery ids (each scored against its recorded prompt; the gallery's "
+                "'Send to evaluation' adds one)",
+                placeholder="3, 4, 5",
+                visible=False,
+                elem_id="eval-gallery-ids",
+            )
             metrics = gr.CheckboxGroup(
                 list(METRICS),
                 value=["toy-geneval", "clip-score"],
                 label="Metrics",
-                info="imagereward, hpsv2 and pickscore need their own weights on disk",
+                info="hpsv2 and pickscore need their weights on disk (a missing one is named); imagereward can't run here",
                 elem_id="eval-metrics",
             )
             model_list = gr.Dropdown(
@@ -184,6 +210,14 @@ def build(studio, bus: Bus) -> EvaluationTab:
                 reference = gr.Textbox(
                     label="FID reference folder (empty: 2,000 toy-world renders)", elem_id="eval-reference"
                 )
+                fid_features = gr.Radio(
+                    list(FID_FEATURES),
+                    value="auto",
+                    label="FID features",
+                    info="auto: Inception-V3 once `python -m studio convert-inception` installed its "
+                    "weights, else the CLIP model's (a different feature space, so labelled)",
+                    elem_id="eval-fid-features",
+                )
             with gr.Row():
                 start = gr.Button("Start evaluation", variant="primary", elem_id="eval-start")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="eval-cancel")
@@ -217,6 +251,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
     fields = {
         "mode": mode,
         "images": images,
+        "gallery_ids": gallery_box,
         "metrics": metrics,
         "models": model_list,
         "prompt_set": prompt_set,
@@ -233,6 +268,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
         "scheduler": scheduler,
         "clip_model": clip_model,
         "reference": reference,
+        "fid_features": fid_features,
     }
     form = set(fields.values())
 
@@ -249,6 +285,8 @@ def build(studio, bus: Bus) -> EvaluationTab:
                 )
         return EvaluationSettings(
             images=folder,
+            gallery_ids=gallery_ids(v["gallery_ids"]) if v["mode"] == "gallery" else (),
+            fid_features=v["fid_features"] or "auto",
             metrics=tuple(v["metrics"] or ()),
             models=tuple(v["models"] or ()),
             prompt_set=v["prompt_set"] or "toy-geneval",
@@ -268,8 +306,9 @@ def build(studio, bus: Bus) -> EvaluationTab:
 
     def to_form(s: EvaluationSettings) -> dict:
         values_ = {
-            "mode": "generate" if s.images is None else "pictures",
+            "mode": "gallery" if s.gallery_ids else "generate" if s.images is None else "pictures",
             "images": s.images or "",
+            "gallery_ids": ", ".join(map(str, s.gallery_ids)),
             "metrics": list(s.metrics),
             "models": list(s.models),
             "prompt_set": s.prompt_set,
@@ -286,6 +325,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
             "scheduler": s.scheduler or MODEL_DEFAULT,
             "clip_model": s.clip_model,
             "reference": s.reference or "",
+            "fid_features": s.fid_features,
         }
         return {fields[name]: value for name, value in values_.items()}
 
@@ -327,7 +367,9 @@ def build(studio, bus: Bus) -> EvaluationTab:
                 s.id,
                 s.status,
                 f"{round(100 * s.fraction)}%",
-                "pictures" if s.settings.get("images") else ", ".join(s.settings.get("models", ())),
+                "pictures"
+                if s.settings.get("images") or s.settings.get("gallery_ids")
+                else ", ".join(s.settings.get("models", ())),
                 axis_text(s.settings),
                 s.created_at.replace("T", " ")[:19],
                 s.error,
@@ -419,9 +461,16 @@ def build(studio, bus: Bus) -> EvaluationTab:
             per_category: gr.update(visible=choice == "toy-geneval"),
         }
 
-    def from_bus(message):
-        if not message or message.get("target") != "evaluation" or not message.get("settings"):
+    def from_bus(message, ids_text):
+        """Settings restored into the form, or a gallery picture sent here: its id is added."""
+        if not message or message.get("target") != "evaluation":
             return gr.skip()
+        if not message.get("settings"):
+            if message.get("image_id") is None:
+                return gr.skip()
+            known = [part for part in split_values((ids_text or "").replace(" ", ",")) if part]
+            ids = list(dict.fromkeys([*known, str(message["image_id"])]))
+            return {mode: "gallery", gallery_box: ", ".join(ids)}
         try:
             return to_form(EvaluationSettings.from_dict(message["settings"]))
         except SettingsError as exc:
@@ -451,7 +500,13 @@ def build(studio, bus: Bus) -> EvaluationTab:
     )
     axis.input(lambda a: AXIS_EXAMPLES.get(a, ""), axis, values, queue=False, **private)
     axis.change(lambda a: gr.update(visible=a == "lora"), axis, lora, queue=False, **private)
-    mode.change(lambda m: gr.update(visible=m == "pictures"), mode, images, queue=False, **private)
+    mode.change(
+        lambda m: (gr.update(visible=m == "pictures"), gr.update(visible=m == "gallery")),
+        mode,
+        [images, gallery_box],
+        queue=False,
+        **private,
+    )
     # read when focused, so that a LoRA the Trainer just installed is offered
     lora.focus(
         lambda: gr.update(choices=[spec.name for spec in models.loras()]), None, lora, queue=False, **private
@@ -463,7 +518,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
     jobs.select(follow_job, None, [watched, shown, timer], **private)
     past.select(pick_evaluation, None, [plots, table, notes, picked, status, progress], **private)
     load_settings.click(load_picked, picked, field_list, **private)
-    bus.message.change(from_bus, bus.message, field_list, **private)
+    bus.message.change(from_bus, [bus.message, gallery_box], field_list, **private)
 
     api_in = gr.JSON(visible=False)
     api_figures = gr.Gallery(visible=False, format="png")

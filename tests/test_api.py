@@ -517,6 +517,19 @@ def test_evaluate_runs_a_job_and_returns_its_numbers_and_plots(app):
     assert stored.settings["values"] == ["1", "5"]
 
 
+def test_evaluate_scores_generated_gallery_pictures(app):
+    _, info = generate(app, settings(app, seed=21, batch_size=2))
+    ids = info["ids"]
+    figures, result = app.client.predict(
+        {"metrics": ["toy-geneval", "clip-score"], "gallery_ids": ids}, api_name="/evaluate"
+    )
+    assert result["samples per cell"] == 2 and 0 <= result["toy-geneval"] <= 1
+    assert 0 <= result["clip-score"] <= 100
+    assert [entry["caption"] for entry in figures] == ["grid"]
+    stored = app.studio.gallery.evaluation(result["evaluation_id"])
+    assert stored.settings["gallery_ids"] == ids and stored.results["clip-score"] == result["clip-score"]
+
+
 BAD_EVALUATION = {
     "not JSON": ("{metrics: clip", "the settings are not valid JSON"),
     "an unavailable metric": ({"metrics": ["pickscore"]}, "pickscore needs yuvalkirstain/PickScore_v1"),
@@ -524,6 +537,7 @@ BAD_EVALUATION = {
     "toy-geneval on custom prompts": ({"metrics": ["toy-geneval"]}, "toy-geneval scores its own prompt set"),
     "an unknown model": ({"models": ["no-such-model"]}, "unknown model 'no-such-model'"),
     "an unknown key": ({"colour": "red"}, "unknown settings: colour"),
+    "a gallery id with no picture": ({"gallery_ids": [987654]}, "the gallery has no picture with id 987654"),
 }
 
 

@@ -581,3 +581,43 @@ def test_evaluation_tab_cancels_a_running_job(page, app, capfd):
     toast(page, "no evaluation is running").first.wait_for()
     assert page.errors == []
     assert server_tracebacks(capfd) == ""
+
+
+def test_gallery_pictures_sent_to_evaluation_are_scored(page, app, capfd):
+    import random
+
+    from studio.toyworld.captions import sample_pair
+    from studio.toyworld.render import render
+
+    rng = random.Random(13)
+    items = [
+        app.studio.gallery.add(
+            render(scene), technique="txt2img", model="toy-sd", prompt=caption, settings={}
+        )
+        for caption, scene in (sample_pair(rng) for _ in range(2))
+    ]
+    open_app(page, app.url)
+    for item in items:  # each "Send to evaluation" adds its picture's id
+        page.get_by_role("tab", name="Gallery").click()
+        panel = page.locator("[role=tabpanel]:visible")
+        thumb = panel.locator(f'button.thumbnail-item img[alt="#{item.id} {item.prompt}"]')
+        thumb.wait_for()
+        thumb.click()
+        panel.get_by_text(f'"{item.prompt}"', exact=True).first.wait_for()
+        page.get_by_role("button", name="Send to evaluation").click()
+        page.wait_for_function(
+            "(id) => (document.querySelector('#eval-gallery-ids textarea, #eval-gallery-ids input')"
+            "?.value || '').split(', ').includes(String(id))",
+            arg=item.id,
+        )
+    page.get_by_role("tab", name="Evaluation", selected=True).wait_for()  # the app switched tabs
+    ids = page.locator("#eval-gallery-ids textarea, #eval-gallery-ids input").first.input_value()
+    assert ids == f"{items[0].id}, {items[1].id}"
+    assert page.locator("#eval-mode").get_by_label("gallery").is_checked()
+    page.click("#eval-start")
+    page.wait_for_function("document.querySelector('#eval-status').innerText.includes(' done in ')")
+    evaluation = app.studio.gallery.evaluations()[0]
+    assert evaluation.settings["gallery_ids"] == [items[0].id, items[1].id]
+    assert evaluation.results["toy-geneval"] == 1.0 and evaluation.results["samples per cell"] == 2
+    assert page.errors == []
+    assert server_tracebacks(capfd) == ""

@@ -360,3 +360,95 @@ def test_cli_scores_a_folder_of_pictures(tmp_path, renders):
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "results.json").read_text())["toy-geneval"] == 1.0
     assert (out / "grid.png").exists() and "stored as evaluation #1" in done.stdout
+
+
+# --------------------------------------------------------------------------- scoring gallery pictures
+
+
+@pytest.fixture
+def gallery_renders(studio) -> list[int]:
+    """Toy-world renders stored in the gallery with their captions as prompts; their ids."""
+    import random
+
+    from studio.toyworld.captions import sample_pair
+    from studio.toyworld.render import render
+
+    rng = random.Random(9)
+    ids = []
+    for _ in range(3):
+        caption, scene = sample_pair(rng)
+        ids.append(studio.gallery.add(render(scene), technique="txt2img", model="toy", prompt=caption).id)
+    return ids
+
+
+def test_gallery_pictures_are_scored_against_their_own_prompts(studio, gallery_renders):
+    s = EvaluationSettings(metrics=("toy-geneval", "clip-score"), gallery_ids=tuple(gallery_renders))
+    job = studio.start_evaluation(s)
+    state = studio.jobs.wait(job, timeout=300)
+    assert (state.status, state.step, state.total) == ("done", 3, 3)
+    assert state.message == "scored"
+    record = studio.gallery.evaluations()[0]
+    assert record.results["toy-geneval"] == 1.0  # renders satisfy their own captions
+    assert 0 < record.results["clip-score"] <= 100 and record.results["samples per cell"] == 3
+    assert record.settings["gallery_ids"] == gallery_renders and record.settings["models"] == ["pictures"]
+    with pytest.raises(SettingsError, match="the gallery has no picture with id 999, 998"):
+        studio.start_evaluation(s.replace(gallery_ids=(gallery_renders[0], 999, 998)))
+    with pytest.raises(SettingsError, match="a folder of pictures or gallery pictures, not both"):
+        s.replace(images="x")
+
+
+def test_gallery_ids_round_trip_through_settings_and_share_links():
+    from studio.presets import decode_link, encode_link
+
+    s = EvaluationSettings(metrics=("fid",), gallery_ids=(3, 4, 5), fid_features="clip")
+    assert EvaluationSettings.from_dict(s.to_dict()) == s == decode_link(encode_link(s))
+    old = EvaluationSettings().to_dict()
+    del old["gallery_ids"], old["fid_features"]
+    assert EvaluationSettings.from_dict(old) == EvaluationSettings()
+    with pytest.raises(SettingsError, match="a gallery id must be between 1"):
+        EvaluationSettings(gallery_ids=(0,))
+    with pytest.raises(SettingsError, match="FID features must be one of auto, inception, clip"):
+        EvaluationSettings(fid_features="vgg")
+
+
+def test_cli_scores_gallery_pictures(tmp_path):
+    import random
+
+    from studio.models import ModelManager
+    from studio.service import Paths, Studio
+    from studio.toyworld.captions import sample_pair
+    from studio.toyworld.render import render
+
+    data = tmp_path / "data"
+    studio = Studio(Paths.from_env(data), ModelManager(device="cpu"))
+    rng = random.Random(11)
+    ids = [
+        studio.gallery.add(render(scene), technique="txt2img", model="toy", prompt=caption).id
+        for caption, scene in (sample_pair(rng) for _ in range(3))
+    ]
+    studio.close()
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "studio", "evaluate", "--data-dir", str(data), "--metric", "toy-geneval"]
+    done = subprocess.run(
+        [*args, "--gallery-ids", ",".join(map(str, ids)), "--out-dir", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["toy-geneval"] == 1.0 and results["samples per cell"] == 3
+    assert "stored as evaluation #1" in done.stdout
+    for ids_text, message in (
+        ("1,77", "error: the gallery has no picture with id 77"),
+        ("1,x", "--gallery-ids"),
+    ):
+        bad = subprocess.run(
+            [*args, "--gallery-ids", ids_text, "--out-dir", str(out)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
