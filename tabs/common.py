@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from studio.progress import Cancelled, CancelToken
+from studio.settings import SettingsError
 
 GPU_LANE = "gpu"  # every event that runs a model or trains shares this concurrency id
 PREVIEW_EVERY = 5  # steps between live previews
@@ -47,7 +48,6 @@ def user_errors(fn):
     """Show a user's mistake as gr.Error (one clear sentence), never as a traceback."""
     from studio.gallery import GalleryError
     from studio.models import ModelError
-    from studio.settings import SettingsError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -63,7 +63,6 @@ def user_errors_gen(fn):
     """`user_errors` for generator event functions (streaming previews)."""
     from studio.gallery import GalleryError
     from studio.models import ModelError
-    from studio.settings import SettingsError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -176,3 +175,14 @@ def row_id(evt: gr.SelectData) -> int | None:
         return int(value) if float(value) == int(float(value)) else None
     except (TypeError, ValueError):
         return None
+
+
+def whole(name: str, value, *, required: bool = False) -> int | None:
+    """A form's number box as a whole number; an empty box is None, or refused when `required`."""
+    if value is None or value == "":
+        if required:
+            raise SettingsError(f"{name} is empty: give a whole number")
+        return None
+    if float(value) != int(value):
+        raise SettingsError(f"{name} must be a whole number, not {value}")
+    return int(value)

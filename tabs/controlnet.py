@@ -46,9 +46,9 @@ from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen
+from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen, whole
 from .editing import _existing, _upload_path
-from .txt2img import MODEL_DEFAULT, _whole, format_loras, parse_loras
+from .txt2img import MODEL_DEFAULT, format_loras, parse_loras
 
 SUPPORTED_FAMILIES = ("sd", "sdxl")
 DEFAULT_CONTROLS = ("toy-sd-controlnet-canny", "toy-sd-controlnet-seg")  # unit 1, unit 2 and on
@@ -420,7 +420,7 @@ def build(studio, bus: Bus) -> ControlNetTab:
             start=float(data[unit.start]),
             end=float(data[unit.end]),
             preprocessor=name,
-            resolution=_whole("preprocessor resolution", data[unit.resolution]) or None,
+            resolution=whole("preprocessor resolution", data[unit.resolution]) or None,
             threshold_a=float(data[unit.threshold_a]) if p and p.a else None,
             threshold_b=float(data[unit.threshold_b]) if p and p.b else None,
             map_id=data[unit.map_id],
@@ -430,7 +430,7 @@ def build(studio, bus: Bus) -> ControlNetTab:
         """The settings, each enabled unit's input (`run`: its map, or its picture's file) and
         whether the unit's map box is used."""
         v = {name: data[component] for name, component in fields.items()}
-        seed_value = _whole("seed", v["seed"])
+        seed_value = whole("seed", v["seed"])
         chosen, inputs, from_box = [], [], []
         for unit in units:
             if not data[unit.enabled]:
@@ -453,13 +453,13 @@ def build(studio, bus: Bus) -> ControlNetTab:
             model=v["model"] or "",
             prompt=v["prompt"] or "",
             negative_prompt=v["negative_prompt"] or "",
-            steps=_whole("steps", v["steps"]),
+            steps=whole("steps", v["steps"]),
             guidance=None if v["guidance"] is None else float(v["guidance"]),
             scheduler=None if v["scheduler"] in (None, MODEL_DEFAULT) else v["scheduler"],
             seed=None if seed_value is None or seed_value < 0 else seed_value,
-            width=_whole("width", v["width"]) or None,
-            height=_whole("height", v["height"]) or None,
-            batch_size=_whole("batch size", v["batch_size"]) or 1,
+            width=whole("width", v["width"]) or None,
+            height=whole("height", v["height"]) or None,
+            batch_size=whole("batch size", v["batch_size"]) or 1,
             guess_mode=bool(v["guess_mode"]),
             loras=parse_loras(v["loras"]),
             units=tuple(chosen),
@@ -578,12 +578,12 @@ def build(studio, bus: Bus) -> ControlNetTab:
             control = ControlUnit(
                 model="preview",  # the map doesn't depend on which ControlNet reads it
                 preprocessor=p.name,
-                resolution=_whole("preprocessor resolution", data[unit.resolution]) or None,
+                resolution=whole("preprocessor resolution", data[unit.resolution]) or None,
                 threshold_a=float(data[unit.threshold_a]) if p.a else None,
                 threshold_b=float(data[unit.threshold_b]) if p.b else None,
             )
             control.check(index)
-            w, h = _whole("width", data[width]) or None, _whole("height", data[height]) or None
+            w, h = whole("width", data[width]) or None, whole("height", data[height]) or None
             picture = preview_control_map(models, data[model], w, h, control, open_image(path))
             return {unit.map: map_file(picture), unit.map_id: None}
 

@@ -31,8 +31,8 @@ from studio.sdedit import SDEditSettings
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen
-from .txt2img import MODEL_DEFAULT, _whole, format_loras, parse_loras
+from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen, whole
+from .txt2img import MODEL_DEFAULT, format_loras, parse_loras
 
 SDEDIT = "SDEdit"
 IP2P = "InstructPix2Pix"
@@ -62,7 +62,7 @@ def _existing(path) -> bool:
 
 
 def _seed(value) -> int | None:
-    seed = _whole("seed", value)
+    seed = whole("seed", value)
     return None if seed is None or seed < 0 else seed
 
 
@@ -286,10 +286,10 @@ def build(studio, bus: Bus) -> EditingTab:
             model=v["model"] or "",
             negative_prompt=v["negative_prompt"] or "",
             seed=_seed(v["seed"]),
-            steps=_whole("steps", v["steps"]),
+            steps=whole("steps", v["steps"]),
             guidance=_float(v["guidance"]),
             scheduler=None if v["scheduler"] in (None, MODEL_DEFAULT) else v["scheduler"],
-            batch_size=_whole("batch size", v["batch_size"]) or 1,
+            batch_size=whole("batch size", v["batch_size"]) or 1,
             fit=v["fit"] or "crop",
             source_id=data[source_id],
         )

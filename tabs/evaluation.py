@@ -31,8 +31,8 @@ from studio.models import PIPELINES
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 
-from .common import GPU_LANE, Bus, progress_bar, row_id, table_value, user_errors
-from .txt2img import MODEL_DEFAULT, _whole
+from .common import GPU_LANE, Bus, progress_bar, row_id, table_value, user_errors, whole
+from .txt2img import MODEL_DEFAULT
 
 AXIS_EXAMPLES = {
     "guidance": "1, 3, 5, 7",
@@ -291,13 +291,13 @@ def build(studio, bus: Bus) -> EvaluationTab:
             models=tuple(v["models"] or ()),
             prompt_set=v["prompt_set"] or "toy-geneval",
             prompts=read_prompts(v["prompts"], v["prompt_file"]) if v["prompt_set"] == "custom" else (),
-            per_category=_given(_whole("prompts per category", v["per_category"]), 12),
+            per_category=_given(whole("prompts per category", v["per_category"]), 12),
             axis=v["axis"] or "guidance",
             values=split_values(v["values"]),
             lora=(v["lora"] or "").strip() if v["axis"] == "lora" else "",
-            samples=_given(_whole("seeds per prompt", v["samples"]), 1),
-            seed=_given(_whole("seed", v["seed"]), 0),
-            steps=_whole("steps", v["steps"]) or None,
+            samples=_given(whole("seeds per prompt", v["samples"]), 1),
+            seed=_given(whole("seed", v["seed"]), 0),
+            steps=whole("steps", v["steps"]) or None,
             guidance=None if v["guidance"] is None else float(v["guidance"]),
             scheduler=None if v["scheduler"] in (None, MODEL_DEFAULT) else v["scheduler"],
             clip_model=(v["clip_model"] or "").strip() or EvaluationSettings.clip_model,

@@ -33,9 +33,9 @@ from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen
+from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen, whole
 from .editing import _existing, _upload_path
-from .txt2img import MODEL_DEFAULT, _whole, format_loras, parse_loras
+from .txt2img import MODEL_DEFAULT, format_loras, parse_loras
 
 SUPPORTED_FAMILIES = ("sd", "sdxl")
 
@@ -232,17 +232,17 @@ def build(studio, bus: Bus) -> IPAdapterTab:
 
     def common(data: dict) -> dict:
         v = {name: data[component] for name, component in fields.items()}
-        seed_value = _whole("seed", v["seed"])
+        seed_value = whole("seed", v["seed"])
         return dict(
             prompt=v["prompt"] or "",
             negative_prompt=v["negative_prompt"] or "",
-            steps=_whole("steps", v["steps"]),
+            steps=whole("steps", v["steps"]),
             guidance=None if v["guidance"] is None else float(v["guidance"]),
             scheduler=None if v["scheduler"] in (None, MODEL_DEFAULT) else v["scheduler"],
             seed=None if seed_value is None or seed_value < 0 else seed_value,
-            width=_whole("width", v["width"]) or None,
-            height=_whole("height", v["height"]) or None,
-            batch_size=_whole("batch size", v["batch_size"]) or 1,
+            width=whole("width", v["width"]) or None,
+            height=whole("height", v["height"]) or None,
+            batch_size=whole("batch size", v["batch_size"]) or 1,
             loras=parse_loras(v["loras"]),
         )
 

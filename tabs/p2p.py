@@ -25,8 +25,8 @@ from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen
-from .txt2img import MODEL_DEFAULT, _whole
+from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen, whole
+from .txt2img import MODEL_DEFAULT
 
 MODE_HELP = {
     "replace": "swap words one for one: a red **circle** → a red **square**",
@@ -206,7 +206,7 @@ def build(studio, bus: Bus) -> P2PTab:
 
     def to_settings(data: dict) -> PromptToPromptSettings:
         v = {name: data[component] for name, component in fields.items()}
-        seed_value = _whole("seed", v["seed"])
+        seed_value = whole("seed", v["seed"])
         return PromptToPromptSettings(
             model=v["model"] or "",
             prompt=v["prompt"] or "",
@@ -217,12 +217,12 @@ def build(studio, bus: Bus) -> P2PTab:
             local_blend=tuple((v["local_blend"] or "").replace(",", " ").split()),
             reweight=parse_reweights(v["reweight"]),
             negative_prompt=v["negative_prompt"] or "",
-            steps=_whole("steps", v["steps"]),
+            steps=whole("steps", v["steps"]),
             guidance=None if v["guidance"] is None else float(v["guidance"]),
             scheduler=None if v["scheduler"] in (None, MODEL_DEFAULT) else v["scheduler"],
             seed=None if seed_value is None or seed_value < 0 else seed_value,
             blend_threshold=float(v["blend_threshold"]),
-            map_size=_whole("attention map size", v["map_size"]) or None,
+            map_size=whole("attention map size", v["map_size"]) or None,
         )
 
     def to_form(s: PromptToPromptSettings) -> dict:

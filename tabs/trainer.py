@@ -32,7 +32,7 @@ from studio.training.settings import (
     TrainingSettings,
 )
 
-from .common import GPU_LANE, Bus, progress_bar, row_id, table_value, user_errors
+from .common import GPU_LANE, Bus, progress_bar, row_id, table_value, user_errors, whole
 
 POLL_SECONDS = 1.0
 JOBS_SHOWN = 10
@@ -234,7 +234,7 @@ def build(studio, bus: Bus) -> TrainerTab:
             "checkpoint_every",
             "sample_every",
         ):
-            values[key] = _whole(key.replace("_", " "), values[key])
+            values[key] = whole(key.replace("_", " "), values[key], required=True)
         if data.get(uploads):
             values["images"] = str(studio.collect_training_uploads(data[uploads]))
         return TrainingSettings(**values)
@@ -400,12 +400,6 @@ def build(studio, bus: Bus) -> TrainerTab:
         api_train, api_in, api_out, api_name="train", concurrency_id=GPU_LANE, concurrency_limit=1
     )
     return TrainerTab(fields=fields, start=start, cancel=cancel, resume=resume, status=status)
-
-
-def _whole(label: str, value) -> int:
-    if value is None or float(value) != int(value):
-        raise SettingsError(f"{label} must be a whole number")
-    return int(value)
 
 
 def main() -> None:

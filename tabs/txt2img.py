@@ -15,7 +15,7 @@ from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import Txt2ImgSettings, model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen
+from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen, whole
 
 MODEL_DEFAULT = "(model default)"
 
@@ -66,14 +66,6 @@ def parse_loras(text: str) -> tuple[LoraRef, ...]:
 
 def format_loras(loras) -> str:
     return "\n".join(f"{lora.source}:{lora.weight:g}" for lora in loras)
-
-
-def _whole(name: str, value) -> int | None:
-    if value is None or value == "":
-        return None
-    if float(value) != int(value):
-        raise SettingsError(f"{name} must be a whole number, not {value}")
-    return int(value)
 
 
 def build(studio, bus: Bus) -> Txt2ImgTab:
@@ -176,19 +168,19 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
 
     def to_settings(data: dict) -> Txt2ImgSettings:
         v = {name: data[component] for name, component in fields.items()}
-        seed_value = _whole("seed", v["seed"])
+        seed_value = whole("seed", v["seed"])
         return Txt2ImgSettings(
             prompt=v["prompt"] or "",
             model=v["model"] or "",
             negative_prompt=v["negative_prompt"] or "",
             seed=None if seed_value is None or seed_value < 0 else seed_value,
-            steps=_whole("steps", v["steps"]),
+            steps=whole("steps", v["steps"]),
             guidance=float(v["guidance"]) if v["guidance"] is not None else None,
-            width=_whole("width", v["width"]),
-            height=_whole("height", v["height"]),
+            width=whole("width", v["width"]),
+            height=whole("height", v["height"]),
             scheduler=None if v["scheduler"] in (None, MODEL_DEFAULT) else v["scheduler"],
-            batch_size=_whole("batch size", v["batch_size"]) or 1,
-            batch_count=_whole("batch count", v["batch_count"]) or 1,
+            batch_size=whole("batch size", v["batch_size"]) or 1,
+            batch_count=whole("batch count", v["batch_count"]) or 1,
             loras=parse_loras(v["loras"]),
             shift=float(v["shift"]) if v["shift"] not in (None, "", 0) else None,
             original_size=parse_size("original size", v["original_size"]),

@@ -241,6 +241,7 @@ def test_several_class_prompts_make_a_regularisation_set_cycled_through(tiny_sd,
         ({"targets": ()}, "targets must be"),
         ({"name": "../escape"}, "name may use"),
         ({"steps": 0}, "steps must be between"),
+        ({"rank": None}, "rank must be a whole number, not empty"),
     ],
 )
 def test_bad_settings_are_refused_with_a_message(tiny_sd, stars, changes, message):

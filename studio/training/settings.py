@@ -19,6 +19,19 @@ TOKEN = re.compile(r"^<?[A-Za-z0-9_-]{1,32}>?$")
 TARGET = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
 
 
+COUNTS = (
+    "class_images",
+    "steps",
+    "batch_size",
+    "gradient_accumulation",
+    "warmup_steps",
+    "rank",
+    "seed",
+    "checkpoint_every",
+    "sample_every",
+)
+
+
 @dataclass(frozen=True)
 class TrainingSettings(Settings):
     """One personalization run (Hu et al. 2022; Ruiz et al. 2023; Gal et al. 2023).
@@ -60,6 +73,9 @@ class TrainingSettings(Settings):
     name: str = ""  # the output's name; default: method and model
 
     def __post_init__(self):
+        for count in COUNTS:
+            if getattr(self, count) is None:  # check_int lets None through; these have no default to fall to
+                raise SettingsError(f"{count.replace('_', ' ')} must be a whole number, not empty")
         if self.method not in METHODS:
             raise SettingsError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if not isinstance(self.model, str) or not self.model.strip():
