@@ -338,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.add_argument("file", type=Path, help="HPS_v2_compressed.pt from xswu/HPSv2")
     h.add_argument("--arch", default="ViT-H-14", help="the open_clip architecture it fine-tunes")
+    r = sub.add_parser(
+        "convert-image-reward",
+        help="convert ImageReward's checkpoint (ImageReward.pt) to safetensors in the library",
+        parents=[common],
+    )
+    r.add_argument("file", type=Path, help="ImageReward.pt from THUDM/ImageReward")
+    r.add_argument("--med-config", type=Path, help="its med_config.json (default: the one beside FILE)")
 
     a = sub.add_parser(
         "convert-annotator",
@@ -655,6 +662,14 @@ def convert_hpsv2_command(args, studio) -> int:
     return 0
 
 
+def convert_image_reward_command(args, studio) -> int:
+    from .evaluate import metrics_folder
+    from .image_reward import WEIGHTS_NAME, convert_image_reward
+
+    print(convert_image_reward(args.file, metrics_folder(studio.models) / WEIGHTS_NAME, args.med_config))
+    return 0
+
+
 def evaluate_command(args, studio) -> int:
     """results.json (one key per metric) and one PNG per figure in --out-dir."""
     import json
@@ -842,6 +857,7 @@ def main(argv=None) -> int:
         "convert-annotator": convert_annotator_command,
         "convert-inception": convert_inception_command,
         "convert-hpsv2": convert_hpsv2_command,
+        "convert-image-reward": convert_image_reward_command,
         "evaluate": evaluate_command,
         "train": train_command,
         "models": models_command,

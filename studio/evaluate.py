@@ -10,8 +10,8 @@ Metrics (see `studio.metrics` for the formulas):
   features with torch-fidelity's conventions (`studio.inception`) where its weights were
   converted into the library's metrics folder, else over that CLIP's image embeddings, so
   labelled: not Inception's FID (`fid_features` forces one or the other);
-- pickscore, hpsv2 (`studio.preference`): human-preference models, the mean over the pictures;
-  imagereward, and either of them without its weights on disk, is refused with what is missing.
+- imagereward, pickscore, hpsv2 (`studio.preference`): human-preference models, the mean over
+  the pictures; one without its weights on disk is refused with what is missing.
 The axis is guidance, steps, sampler or the weight of one LoRA (`lora`: a catalog name, trained
 ones included, or a .safetensors file; weight 0 generates without it).
 With `images` (a folder of PNGs) or `gallery_ids` (gallery pictures) nothing is generated: the

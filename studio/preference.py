@@ -1,4 +1,4 @@
-"""Human-preference scores of (picture, prompt) pairs: PickScore and HPSv2; ImageReward named.
+"""Human-preference scores of (picture, prompt) pairs: PickScore, HPSv2 and ImageReward.
 
 - PickScore (Kirstain et al., "Pick-a-Pic", NeurIPS 2023): CLIP ViT-H/14 fine-tuned on people's
   choices; a pair's score is exp(logit_scale) · cos(E_image, E_text), as the reference code in
@@ -10,9 +10,11 @@
   pickle: `convert_hpsv2` reads it once with torch.load(weights_only=True) and writes
   safetensors (`python -m studio convert-hpsv2 FILE`), naming the open_clip architecture in the
   file's metadata.
-- ImageReward (Xu et al., NeurIPS 2023; BLIP + an MLP head): its package (image-reward 1.5)
-  imports OpenAI's `clip` package, which is not on PyPI, and transformers helpers that
-  transformers 5 removed, so the studio can't run it: asking for it says so.
+- ImageReward (Xu et al., NeurIPS 2023): BLIP's image-grounded text encoder and an MLP head,
+  ported to transformers' BLIP classes in `studio.image_reward` (image-reward 1.5 itself needs
+  OpenAI's clip package, which is not on PyPI, and helpers transformers 5 removed); its pickled
+  ImageReward.pt is converted once (`python -m studio convert-image-reward ImageReward.pt`), its
+  tokenizer is bert-base-uncased's.
 
 A run reports the mean over its pictures. Models are looked for in the studio's metrics folder
 (data/library/metrics/) first, then in the Hugging Face cache (nothing is downloaded).
@@ -24,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .image_reward import CHECKPOINT as IMAGEREWARD
+from .image_reward import TOKENIZER as IMAGEREWARD_TOKENIZER
+from .image_reward import WEIGHTS_NAME as IMAGEREWARD_NAME
 from .models import ModelError
 
 METRICS = ("imagereward", "hpsv2", "pickscore")
@@ -32,10 +37,6 @@ PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 HPSV2 = ("xswu/HPSv2", "HPS_v2_compressed.pt")
 HPSV2_NAME = "hpsv2.safetensors"
 HPSV2_ARCHITECTURE = "ViT-H-14"
-IMAGEREWARD_REASON = (
-    "imagereward needs the ImageReward model, which this studio can't run: its package (image-reward 1.5) "
-    "imports OpenAI's clip package, which is not on PyPI, and helpers that transformers 5 removed"
-)
 BATCH = 32
 
 
@@ -57,11 +58,28 @@ def pickscore_folders(folder: Path | None) -> tuple[Path | None, Path | None]:
     )
 
 
+def bert_folder(folder: Path | None) -> Path | None:
+    """bert-base-uncased's tokenizer files (ImageReward's), under either of its hub names."""
+    found = local_folder(folder, IMAGEREWARD_TOKENIZER, "vocab.txt")
+    return found or local_folder(None, IMAGEREWARD_TOKENIZER.split("/")[1], "vocab.txt")
+
+
 def missing(metric: str, folder: Path | None) -> str:
     """Why `metric` can't run here ("" when it can): what is missing and where it was looked for."""
     where = "the Hugging Face cache" + (f" or {folder}/" if folder else "")
     if metric == "imagereward":
-        return IMAGEREWARD_REASON
+        lacking = []
+        if folder is None or not (folder / IMAGEREWARD_NAME).is_file():
+            cached = local_folder(None, *IMAGEREWARD)
+            source = cached / IMAGEREWARD[1] if cached else IMAGEREWARD[1]
+            target = folder / IMAGEREWARD_NAME if folder else IMAGEREWARD_NAME
+            lacking.append(
+                f"{IMAGEREWARD[0]}'s {IMAGEREWARD[1]} converted once into {target} with "
+                f"python -m studio convert-image-reward {source} (its med_config.json beside it)"
+            )
+        if bert_folder(folder) is None:
+            lacking.append(f"the tokenizer of {IMAGEREWARD_TOKENIZER} (vocab.txt) in {where}")
+        return f"imagereward needs {' and '.join(lacking)}" if lacking else ""
     if metric == "pickscore":
         model, processor = pickscore_folders(folder)
         lacking = [f"{PICKSCORE} (model.safetensors)"] if model is None else []
@@ -86,6 +104,10 @@ def load(metric: str, folder: Path | None, device: str = "cpu"):
         raise ModelError(why)
     if metric == "pickscore":
         return PickScore(*pickscore_folders(folder), device=device)
+    if metric == "imagereward":
+        from .image_reward import ImageReward
+
+        return ImageReward(folder / IMAGEREWARD_NAME, bert_folder(folder), device=device)
     return HPSv2(folder / HPSV2_NAME, device=device)
 
 

@@ -146,7 +146,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
                 list(METRICS),
                 value=["toy-geneval", "clip-score"],
                 label="Metrics",
-                info="hpsv2 and pickscore need their weights on disk (a missing one is named); imagereward can't run here",
+                info="imagereward, hpsv2 and pickscore need their weights on disk (a missing one is named)",
                 elem_id="eval-metrics",
             )
             model_list = gr.Dropdown(
