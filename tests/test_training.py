@@ -333,11 +333,20 @@ def test_the_train_command_trains_resumes_and_refuses_in_one_line(tiny_sd, stars
         3,
         "--name",
         "cli-star",
+        "--prior-preservation",
+        "--class-prompt",
+        "a shape",
+        "--class-prompt",
+        "two red circles",
+        "--class-images",
+        2,
         "--out",
         run,
     )
     assert first.returncode == 0, first.stderr
     assert "cli-star.safetensors" in first.stdout
+    (made,) = (tmp_path / "data" / "library" / "class-pictures").iterdir()
+    assert (made / "prompt.txt").read_text().splitlines()[1:] == ["a shape", "two red circles"]
     assert (tmp_path / "data" / "library" / "loras" / "cli-star.safetensors").is_file()
 
     more = cli("--resume", run, "--steps", 5)
