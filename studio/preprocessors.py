@@ -7,9 +7,9 @@ the annotator weights that lllyasviel/Annotators publishes; those are pickles, a
 studio loads safetensors only, so each is converted once, on the user's say-so, with
 `python -m studio convert-annotator FILE.pth` (torch.load(weights_only=True), which refuses
 code) into the annotator folder (`LATENT_STUDIO_ANNOTATORS`, default `models/annotators`).
-Depth Anything is a transformers model, published as safetensors: it is read from a folder
-named after its hub repo in the annotator folder, or from the Hugging Face cache. A missing
-file is named, with where it comes from and where it goes.
+Depth Anything and the UperNet ADE20k segmenter are transformers models, published as
+safetensors: each is read from a folder named after its hub repo in the annotator folder, or
+from the Hugging Face cache. A missing file is named, with where it comes from and where it goes.
 
 Every map comes back at the input's size. `resolution` is the side the detector works at
 (the input's shorter side scaled to it, as A1111's "preprocessor resolution"); `a` and
@@ -309,17 +309,42 @@ def _mediapipe_face(image, max_faces, confidence, folder):
     )
 
 
+def _upernet(image, _a, _b, folder):
+    """ADE20k semantic segmentation by UperNet (Xiao et al., "Unified Perceptual Parsing for Scene
+    Understanding", ECCV 2018) on ConvNeXt through transformers: each pixel painted with the
+    ADE20k palette colour of its class, the map ControlNet 1.1's seg model reads (UniFormer's,
+    whose head is UperNet too). The palette is controlnet_aux.util.ade_palette, mmsegmentation's
+    ADE20KDataset.PALETTE that lllyasviel's UniFormer annotator paints with (get_palette('ade')).
+    ConvNeXt-T because its hub repo has model.safetensors on main (-small's and OneFormer's
+    shi-labs/oneformer_ade20k_swin_tiny have pickles there, safetensors only in bot PRs)."""
+    import torch
+    from controlnet_aux.util import ade_palette
+    from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
+
+    source = hub_folder(UPERNET_REPO)
+    processor = AutoImageProcessor.from_pretrained(source)
+    model = UperNetForSemanticSegmentation.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+    palette = np.array(ade_palette(), dtype=np.uint8)
+    if model.config.num_labels != len(palette):
+        raise ModelError(f"{source} has {model.config.num_labels} classes, not ADE20k's {len(palette)}")
+    with torch.no_grad():  # from_pretrained returns the model in eval mode
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    classes = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+    return Image.fromarray(palette[classes.numpy()])
+
+
 def _uniformer(image, a, b, folder):
     """UniFormer (Li et al., ICLR 2022) ADE20k segmentation, ControlNet 1.0's seg annotator: not
-    in controlnet-aux, so refused with what it would need."""
+    in controlnet-aux, so refused with what it would need and what to use instead."""
     raise ModelError(
         "the segmentation (UniFormer, ADE20k) preprocessor can't run: controlnet-aux 0.0.10 has no "
         "UniFormer detector, and lllyasviel's needs the mmcv-full and mmsegmentation packages, which "
-        "are not installed; make the ADE20k map elsewhere and use preprocessor none"
+        f"are not installed; use the {UPERNET} preprocessor (the same ADE20k palette, from {UPERNET_REPO})"
     )
 
 
 DEPTH_ANYTHING_REPO = "LiheYoung/depth-anything-small-hf"
+UPERNET, UPERNET_REPO = "segmentation_ade20k_upernet", "openmmlab/upernet-convnext-tiny"
 SAFE = Threshold("safe steps (0/1)", 0, 0, 1)
 PREPROCESSORS = {
     p.name: p
@@ -386,11 +411,8 @@ PREPROCESSORS = {
             weights_a=("hand_pose_model.pth",),
             weights_b=("facenet.pth",),
         ),
-        Preprocessor(
-            "segmentation_ade20k",
-            "segmentation (UniFormer, ADE20k)",
-            _uniformer,
-        ),
+        Preprocessor(UPERNET, "segmentation (UperNet ConvNeXt-T, ADE20k)", _upernet, hub=UPERNET_REPO),
+        Preprocessor("segmentation_ade20k", "segmentation (UniFormer, ADE20k)", _uniformer),
     )
 }
 

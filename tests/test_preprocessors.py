@@ -245,6 +245,104 @@ def test_depth_anything_missing_names_the_repo_and_where_it_is_looked_for(
     assert f"hf download LiheYoung/depth-anything-small-hf --local-dir {local}" in message
 
 
-def test_uniformer_segmentation_says_what_it_lacks(annotators, picture):
-    with pytest.raises(ModelError, match="no UniFormer detector.*mmcv-full and mmsegmentation"):
+def tiny_upernet(folder, num_labels=150):
+    """A random UperNet on a ConvNeXt backbone small enough for a test, with the image processor
+    (Segformer's, as openmmlab/upernet-convnext-tiny's) at a 64 px side; the model and the
+    processor it saved."""
+    from transformers import (
+        ConvNextConfig,
+        SegformerImageProcessor,
+        UperNetConfig,
+        UperNetForSemanticSegmentation,
+    )
+
+    torch.manual_seed(0)
+    backbone = ConvNextConfig(
+        hidden_sizes=[8, 16, 24, 32],
+        depths=[1, 1, 1, 1],
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = UperNetConfig(
+        backbone_config=backbone, hidden_size=16, auxiliary_channels=8, num_labels=num_labels
+    )
+    model = UperNetForSemanticSegmentation(config).eval()
+    model.save_pretrained(folder)
+    processor = SegformerImageProcessor(size={"height": 64, "width": 64}, do_reduce_labels=False)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def ade20k_map(model, processor, image) -> np.ndarray:
+    """transformers' own steps, done here: processor, model, the classes at the image's size, and
+    each painted with its ADE20k colour."""
+    from controlnet_aux.util import ade_palette
+
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    classes = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+    return np.array(ade_palette(), dtype=np.uint8)[classes.numpy()]
+
+
+def test_upernet_segmentation_matches_transformers_in_the_ade20k_palette(annotators, picture):
+    from controlnet_aux.util import ade_palette
+
+    palette = [tuple(c) for c in ade_palette()]  # mmsegmentation's ADE20k palette: wall, building, sky ...
+    assert len(palette) == 150 and palette[:3] == [(120, 120, 120), (180, 120, 120), (6, 230, 230)]
+    assert palette[-1] == (92, 0, 255)
+    model, processor = tiny_upernet(annotators / "upernet-convnext-tiny")
+    seg = studio_map("segmentation_ade20k_upernet", picture)
+    assert np.array_equal(seg, ade20k_map(model, processor, picture))
+    assert len(np.unique(seg.reshape(-1, 3), axis=0)) > 1
+    # a resolution: the classes at the working size, brought to the picture's by nearest neighbour
+    small = studio_map("segmentation_ade20k_upernet", picture, resolution=96)
+    working = picture.resize((120, 96), Image.Resampling.LANCZOS)
+    expected = Image.fromarray(ade20k_map(model, processor, working)).resize(
+        picture.size, Image.Resampling.NEAREST
+    )
+    assert np.array_equal(small, pixels(expected))
+
+
+def test_upernet_segmentation_refuses_a_model_without_ade20ks_classes(annotators, picture):
+    tiny_upernet(annotators / "upernet-convnext-tiny", num_labels=19)
+    with pytest.raises(ModelError, match="upernet-convnext-tiny has 19 classes, not ADE20k's 150"):
+        preprocessors.preprocess("segmentation_ade20k_upernet", picture)
+
+
+def test_upernet_missing_names_the_repo_files_and_where_they_are_looked_for(
+    annotators, picture, tmp_path, monkeypatch
+):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    local = annotators / "upernet-convnext-tiny"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text("{}")  # a partial download: only the missing files are named
+    with pytest.raises(ModelError) as caught:
+        preprocessors.preprocess("segmentation_ade20k_upernet", picture)
+    message = str(caught.value)
+    assert (
+        "segmentation (UperNet ConvNeXt-T, ADE20k) preprocessor needs the hub model openmmlab/upernet-convnext-tiny"
+        in message
+    )
+    assert f"(preprocessor_config.json, model.safetensors missing in {local}" in message
+    assert f"not in the Hugging Face cache {tmp_path / 'hub'}" in message
+    assert f"hf download openmmlab/upernet-convnext-tiny --local-dir {local}" in message
+
+
+def test_uniformer_segmentation_says_what_it_lacks_and_what_to_use(annotators, picture):
+    with pytest.raises(ModelError, match="no UniFormer detector.*mmcv-full and mmsegmentation") as caught:
         preprocessors.preprocess("segmentation_ade20k", picture)
+    assert "use the segmentation_ade20k_upernet preprocessor" in str(caught.value)
+    assert "openmmlab/upernet-convnext-tiny" in str(caught.value)
+
+
+def test_the_controlnet_tab_offers_the_upernet_segmentation(studio):
+    import gradio as gr
+
+    from tabs import controlnet as controlnet_tab
+    from tabs.common import make_bus
+
+    with gr.Blocks():
+        tab = controlnet_tab.build(studio, make_bus())
+    choices = [tuple(choice) for choice in tab.units[0].preprocessor.choices]
+    assert ("segmentation (UperNet ConvNeXt-T, ADE20k)", "segmentation_ade20k_upernet") in choices
