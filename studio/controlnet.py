@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageOps
 
@@ -133,7 +133,20 @@ def preview_map(
     size = models.output_size(model, width, height)
     if size is None:
         raise SettingsError("set the width and height: this model's own size can't be told before loading it")
-    return unit_map(unit, image, size)[0]
+    return unit_map(catalog_thresholds(models, unit), image, size)[0]
+
+
+def catalog_thresholds(models: ModelManager, unit: ControlUnit) -> ControlUnit:
+    """The unit with unset thresholds taken from its ControlNet's catalog entry, where that
+    entry names the thresholds its training maps used for this preprocessor (the toy Canny
+    ControlNet's 15/30); the result records them, so the run remakes the same map."""
+    spec = models.catalog.get(unit.model.strip())
+    given = spec.defaults.get("preprocessor_thresholds") if spec else None
+    if not given or spec.defaults.get("preprocessor") != unit.preprocessor:
+        return unit
+    a = unit.threshold_a if unit.threshold_a is not None else given[0]
+    b = unit.threshold_b if unit.threshold_b is not None else given[1]
+    return replace(unit, threshold_a=a, threshold_b=b)
 
 
 def run(
@@ -148,6 +161,7 @@ def run(
 
     # 1. Fill unset settings (the size too) from the model's defaults.
     s, family = resolve_txt2img(settings, models)
+    s = s.replace(units=tuple(catalog_thresholds(models, u) for u in s.units))
     task = models.resolve_control(s.units[0].model).kind
     if task not in CONTROL_KINDS:
         raise SettingsError(f"{s.units[0].model} is not a ControlNet or T2I-Adapter")

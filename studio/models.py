@@ -117,6 +117,7 @@ def load_catalog(path: Path = CATALOG_PATH) -> dict[str, ModelSpec]:
                 "latent_rgb",
                 "image_guidance",
                 "preprocessor",
+                "preprocessor_thresholds",
                 "subfolder",
                 "weight_name",
                 "image_encoder",

@@ -200,6 +200,11 @@ def build(studio, bus: Bus) -> ControlNetTab:
         p = spec.defaults.get("preprocessor")
         return p if p in PREPROCESSORS else None
 
+    def control_thresholds(name: str) -> tuple:
+        """The thresholds a catalog ControlNet's maps were made with (None: the preprocessor's)."""
+        spec = models.catalog.get((name or "").strip())
+        return tuple(spec.defaults.get("preprocessor_thresholds") or (None, None)) if spec else (None, None)
+
     def preset_names() -> list[str]:
         return [p.name for p in list_presets() if p.settings.technique == ControlNetSettings.technique]
 
@@ -230,7 +235,7 @@ def build(studio, bus: Bus) -> ControlNetTab:
                 control = DEFAULT_CONTROLS[min(i, len(DEFAULT_CONTROLS)) - 1]
                 control = control if control in controls else (controls or [None])[0]
                 pre = control_preprocessor(control) or "none"
-                p = PREPROCESSORS[pre]
+                p, (value_a, value_b) = PREPROCESSORS[pre], control_thresholds(control)
                 with gr.Accordion(f"Control unit {i}", open=i == 1, elem_id=f"cn-unit{i}") as panel:
                     enabled = gr.Checkbox(value=i == 1, label="Enabled", elem_id=f"cn-unit{i}-enabled")
                     unit_model = gr.Dropdown(
@@ -285,12 +290,12 @@ def build(studio, bus: Bus) -> ControlNetTab:
                     with gr.Row():
                         threshold_a = gr.Slider(
                             **{"minimum": 0, "maximum": 1, "value": 0, "label": "Threshold A"}
-                            | threshold_options(p.a),
+                            | threshold_options(p.a, value_a),
                             elem_id=f"cn-unit{i}-a",
                         )
                         threshold_b = gr.Slider(
                             **{"minimum": 0, "maximum": 1, "value": 0, "label": "Threshold B"}
-                            | threshold_options(p.b),
+                            | threshold_options(p.b, value_b),
                             elem_id=f"cn-unit{i}-b",
                         )
                     with gr.Row():
@@ -556,11 +561,11 @@ def build(studio, bus: Bus) -> ControlNetTab:
             pre = control_preprocessor(name)
             if pre is None:
                 return gr.skip()
-            p = PREPROCESSORS[pre]
+            p, (a, b) = PREPROCESSORS[pre], control_thresholds(name)
             return {
                 unit.preprocessor: pre,
-                unit.threshold_a: threshold_slider(p.a),
-                unit.threshold_b: threshold_slider(p.b),
+                unit.threshold_a: threshold_slider(p.a, a),
+                unit.threshold_b: threshold_slider(p.b, b),
             }
 
         def pick_preprocessor(name):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from studio import preprocessors
 from studio.controlnet import ControlNetSettings, ControlUnit, run
-from studio.models import ModelError
+from studio.models import ModelError, ModelManager
 from studio.registry import settings_from_dict
 from studio.settings import SettingsError
 from studio.toyworld.captions import sample_pair
@@ -60,11 +60,33 @@ def unit(model, **changes) -> ControlUnit:
 
 def test_canny_and_palette_segmentation_are_the_toy_worlds_maps(scene_picture):
     scene = sample_pair(random.Random(7))[1]
-    assert np.array_equal(
-        pixels(preprocessors.preprocess("canny", scene_picture)), pixels(canny_map(scene_picture))
+    assert np.array_equal(  # the preprocessor's defaults are A1111's, for photographs
+        pixels(preprocessors.preprocess("canny", scene_picture)), pixels(canny_map(scene_picture, 100, 200))
+    )
+    assert np.array_equal(  # the world's own thresholds
+        pixels(preprocessors.preprocess("canny", scene_picture, a=15, b=30)), pixels(canny_map(scene_picture))
     )
     seg = pixels(preprocessors.preprocess("segmentation_palette", scene_picture))
     assert (seg != pixels(segmentation_map(scene))).any(-1).mean() < 0.02  # anti-aliased rims only
+
+
+def test_the_toy_canny_controlnet_brings_the_thresholds_its_maps_were_made_with():
+    from studio.controlnet import ControlUnit, catalog_thresholds
+
+    models = ModelManager()
+    toy = catalog_thresholds(models, ControlUnit(model="toy-sd-controlnet-canny", preprocessor="canny"))
+    assert (toy.threshold_a, toy.threshold_b) == (15, 30)
+    mine = ControlUnit(
+        model="toy-sd-controlnet-canny", preprocessor="canny", threshold_a=50, threshold_b=None
+    )
+    assert (catalog_thresholds(models, mine).threshold_a, catalog_thresholds(models, mine).threshold_b) == (
+        50,
+        30,
+    )
+    other = ControlUnit(model="toy-sd-controlnet-canny", preprocessor="lineart_standard")
+    assert catalog_thresholds(models, other) == other  # thresholds of another preprocessor: its own
+    real = ControlUnit(model="controlnet-canny-sd15", preprocessor="canny")
+    assert catalog_thresholds(models, real) == real  # photographs: A1111's 100/200
 
 
 def test_weightless_preprocessors_run_offline(scene_picture):
@@ -130,7 +152,7 @@ def test_scale_and_the_map_steer_a_trained_controlnet(manager, tiny_sd, tiny_con
     assert np.array_equal(pixels(off.images[0]), plain)  # scale 0: the base model
     assert not np.array_equal(pixels(on.images[0]), plain)
     assert not np.array_equal(pixels(on.images[0]), pixels(other_map.images[0]))
-    assert np.array_equal(pixels(on.figures["control map 1"]), pixels(canny_map(scene_picture)))
+    assert np.array_equal(pixels(on.figures["control map 1"]), pixels(canny_map(scene_picture, 100, 200)))
 
 
 def test_several_units_and_their_step_windows(

@@ -103,6 +103,24 @@ def test_control_maps():
     assert edges.shape == (64, 64, 3) and set(np.unique(edges)) <= {0, 255} and edges.max() == 255
 
 
+def test_canny_maps_outline_every_shape_on_every_background():
+    """Gray is close in luminance to several object colours (green: 8 levels); the world's
+    Canny thresholds still draw each shape's outline, and nothing off the shapes."""
+    from scipy import ndimage
+
+    rng, backgrounds = random.Random(11), set()
+    for _ in range(150):
+        scene = captions.sample_pair(rng)[1]
+        backgrounds.add(scene.background)
+        edges = np.asarray(render.canny_map(render.render(scene)))[..., 0] > 0
+        shapes, n = ndimage.label(np.asarray(render.segmentation_map(scene)).max(-1) > 0)
+        for k in range(1, n + 1):
+            rim = ndimage.binary_dilation(shapes == k) ^ (shapes == k)
+            assert edges[ndimage.binary_dilation(shapes == k, iterations=2)].sum() >= rim.sum() / 2
+        assert not edges[~ndimage.binary_dilation(shapes > 0, iterations=3)].any()
+    assert backgrounds == {"white", "gray", "black"}
+
+
 def test_geneval_prompt_set_is_fixed_and_excludes_held_out():
     a, b = prompt_set(), prompt_set()
     assert a == b

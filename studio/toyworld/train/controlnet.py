@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..captions import sample_pair
-from ..render import canny_map, render, segmentation_map
+from ..render import CANNY_THRESHOLDS, canny_map, render, segmentation_map
 from .common import EMA, cosine_decay, load_checkpoint, log, pick_device, save_checkpoint, warmup_lr
 from .sd import SEED as SD_SEED
 from .sd import build_latent_dataset, scheduler_config
@@ -40,6 +40,10 @@ CAPTION_DROPOUT = 0.5
 MIN_SNR_GAMMA = 5.0
 CONDITIONING_CHANNELS = (16, 32, 64, 128)  # three stride-2 convs: 64 px → the 8 × 8 latent
 KINDS = {"canny": "toy-sd-controlnet-canny", "seg": "toy-sd-controlnet-seg"}
+MAP_NAMES = {
+    "canny": "Canny maps (OpenCV, thresholds {}/{})".format(*CANNY_THRESHOLDS),
+    "seg": "segmentation maps",
+}
 
 
 def control_map(kind: str, scene) -> np.ndarray:
@@ -181,7 +185,7 @@ def export(out: Path, kind: str, controlnet, steps: int, seconds: float, scenes:
         f"A ControlNet for toy-sd conditioned on {'Canny edge maps' if kind == 'canny' else 'segmentation maps'} "
         "of toy-world renders (zero convolutions, frozen toy-sd).",
         {
-            "data": f"toy-sd's 40,000 training renders and their {kind} maps, {steps} steps × batch {BATCH}, "
+            "data": f"toy-sd's 40,000 training renders and their {MAP_NAMES[kind]}, {steps} steps × batch {BATCH}, "
             f"captions dropped with p = {CAPTION_DROPOUT}",
             "parameters": f"{params / 1e6:.2f} M",
             "hardware": hardware(),
