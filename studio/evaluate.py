@@ -36,6 +36,7 @@ from .inception import SPACE as INCEPTION_SPACE
 from .inception import WEIGHTS_NAME as INCEPTION_WEIGHTS
 from .models import REPO_ROOT, LoraRef, ModelError, ModelManager
 from .settings import Settings, SettingsError, check_float, check_int
+from .toyworld.geneval import MAX_PER_CATEGORY
 
 METRICS = ("toy-geneval", "clip-score", "fid", "imagereward", "hpsv2", "pickscore")
 AXES = ("guidance", "steps", "scheduler", "lora")
@@ -137,7 +138,7 @@ class EvaluationSettings(Settings):
         check_int("seed", self.seed, 0, 2**32 - 1)
         check_int("steps", self.steps, 1, 150)
         check_float("guidance", self.guidance, 0.0, 30.0)
-        check_int("prompts per category", self.per_category, 1, 100)
+        check_int("prompts per category", self.per_category, 1, MAX_PER_CATEGORY)
         if len(self.prompts) > 10_000:
             raise SettingsError(f"at most 10000 prompts, not {len(self.prompts)}")
 

@@ -81,6 +81,11 @@ def test_cancel_stores_nothing(studio, tiny_sd):
         (dict(metrics=("toy-geneval",)), SettingsError, "toy-geneval scores its own prompt set"),
         (dict(values=("hot",)), SettingsError, "guidance value 'hot' is not a number"),
         (dict(metrics=("lpips",)), SettingsError, "unknown metric 'lpips'"),
+        (  # 6 colours × 3 shapes: a 19th single-object prompt doesn't exist (it used to hang)
+            dict(prompt_set="toy-geneval", per_category=19),
+            SettingsError,
+            "prompts per category must be between 1 and 18",
+        ),
         (dict(axis="colour"), SettingsError, "grid axis must be one of"),
         (dict(axis="lora", values=("0", "1")), SettingsError, "the lora axis needs a LoRA"),
         (

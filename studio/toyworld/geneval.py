@@ -21,10 +21,15 @@ from .world import COLORS, POSITIONS, SHAPES
 
 CATEGORIES = ("single_object", "position", "size", "two_objects", "relation", "counting")
 HELD_OUT = "held_out"
+MAX_PER_CATEGORY = len(COLORS) * len(SHAPES)  # distinct single-object prompts: colour × shape
 
 
 def prompt_set(per_category: int = 12, seed: int = 2024) -> list[tuple[str, str]]:
     """(category, prompt) pairs, the same for every call with the same arguments."""
+    if not 1 <= per_category <= MAX_PER_CATEGORY:
+        raise ValueError(
+            f"toy GenEval has 1 to {MAX_PER_CATEGORY} distinct prompts a category, not {per_category}"
+        )
     rng = random.Random(seed)
     colors, shapes = list(COLORS), list(SHAPES)
     makers: dict[str, Callable[[], CaptionSpec]] = {
