@@ -1,20 +1,29 @@
 """Teaching toy-sd the held-out star: LoRA-DreamBooth with and without prior preservation,
 Textual Inversion, LoRA size and fusing, all through the studio's trainer.
 
-    python bench/bench_trainer.py [--steps 1500] [--samples 64] [--out runs/bench_trainer]
+    python bench/bench_trainer.py [--steps 1500] [--samples 64] [--per-category 16] [--out runs/bench_trainer]
 
 The base models never saw a star (../shared/toyworld.md). Five rendered large stars, one on
 the left, right, top, bottom and one anywhere, captioned "a sks shape <position>" (each drawn
 until its toy-VAE round trip still reads as a star: that VAE never saw a star either, and
-small ones come back as pentagons), are the instance pictures. LoRA-DreamBooth: rank 16 on
-the UNet's attention, feed-forward, proj and resnet convs plus the text encoder's attention,
-LR 2e-3, 4 instance (+ 4 class) pictures a step; "a shape" as the class, 50 class pictures.
-Textual Inversion: one new word <sks> from "shape", LR 5e-3. Pivotal tuning: the same UNet
-LoRA with prior preservation (text encoder frozen) trained on "a <sks> shape" on top of it. Prints JSON: the star rate of
-"a sks shape on the left" (judge, one sample a seed), toy GenEval on ordinary prompts for the
-base model and each trained model, training wall time on this machine, file sizes, and the
-largest pixel difference between the unfused LoRA and the same LoRA fused into the weights
-(W' = W + (α/r)·B·A).
+small ones come back as pentagons), are the instance pictures.
+
+LoRA-DreamBooth: rank 16 on the UNet's cross-attention keys and values (the layers that read
+the text, as Custom Diffusion trains; Kumari et al. 2023) plus the text encoder's attention,
+LR 2e-3, 4 instance (+ 4 class) pictures a step. Prior preservation's class set is a
+regularisation set: "a shape" and 60 captions of the world's own caption distribution (none
+in the toy GenEval set), 120 pictures the base model made of them, since one class prompt
+shows only single shapes and lets two-object, relation and counting scenes drift. For
+contrast: the same with the single class "a shape", without prior preservation, and a wide
+LoRA (attention, feed-forward, proj and resnet convs) with the regularisation set.
+Textual Inversion: one new word <sks> from "shape", LR 5e-3. Pivotal tuning: the K/V LoRA
+with prior preservation (text encoder frozen) trained on "a <sks> shape" on top of it.
+
+Prints JSON: the star rate of "a sks shape on the left" (judge, one sample a seed), toy
+GenEval on ordinary prompts (the same prompts and seeds for every model, so differences are
+paired) for the base model and each trained model, training wall time on this machine, file
+sizes, and the largest pixel difference between the unfused LoRA and the same LoRA fused
+into the weights (W' = W + (α/r)·B·A).
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-LORA_TARGETS = (
+KV_TARGETS = ("attn2.to_k", "attn2.to_v")
+WIDE_TARGETS = (
     "to_q",
     "to_k",
     "to_v",
@@ -76,6 +86,21 @@ def instance_pictures(folder: Path, vae, seed: int = 1) -> list[Path]:
     return paths
 
 
+def world_captions(n: int, per_category: int, seed: int = 77) -> list[str]:
+    """`n` distinct captions of the world's training distribution, none in the toy GenEval
+    set the bench scores (`per_category` prompts a category)."""
+    from studio.toyworld.captions import format_caption, sample_spec
+    from studio.toyworld.geneval import prompt_set
+
+    evaluated = {p for _, p in prompt_set(per_category)}
+    rng, captions = random.Random(seed), []
+    while len(captions) < n:
+        caption = format_caption(sample_spec(rng))
+        if caption not in evaluated and caption not in captions:
+            captions.append(caption)
+    return captions
+
+
 def ti_pictures(pictures: list[Path]) -> Path:
     """The same pictures with their captions' sks written as the new word <sks>."""
     import shutil
@@ -113,8 +138,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--ti-steps", type=int, default=1500)
     parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--per-category", type=int, default=8, help="toy GenEval prompts per category")
+    parser.add_argument(
+        "--per-category",
+        type=int,
+        default=16,
+        help="toy GenEval prompts per category (at most 18: single-object prompts are 6 colours × 3 shapes)",
+    )
+    parser.add_argument(
+        "--class-captions", type=int, default=60, help="world captions in the regularisation set"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_trainer"))
+    parser.add_argument("--runs", default="", help="comma-separated run names (default: all)")
     args = parser.parse_args()
 
     import torch
@@ -157,15 +191,20 @@ def main() -> None:
     on_word = dict(images=str(ti_pictures(pictures)), instance_prompt="a <sks> shape")
     every = dict(checkpoint_every=args.steps, sample_every=args.steps)
     lora = dict(
-        method="lora", steps=args.steps, learning_rate=2e-3, rank=16, alpha=16, targets=LORA_TARGETS, **every
+        method="lora", steps=args.steps, learning_rate=2e-3, rank=16, alpha=16, targets=KV_TARGETS, **every
     )
-    prior = dict(prior_preservation=True, class_prompt="a shape", class_images=50)
+    class_prompts = "\n".join(("a shape", *world_captions(args.class_captions, args.per_category)))
+    prior = dict(prior_preservation=True, class_prompt=class_prompts, class_images=2 * args.class_captions)
+    one_class = dict(prior_preservation=True, class_prompt="a shape", class_images=2 * args.class_captions)
+    with_text = dict(train_text_encoder=True)
     runs = {
-        "lora_dreambooth_prior": TrainingSettings(
-            **common, **lora, **prior, train_text_encoder=True, name="star-prior"
+        "lora_dreambooth_prior": TrainingSettings(**common, **lora, **prior, **with_text, name="star-prior"),
+        "lora_dreambooth_one_class_prompt": TrainingSettings(
+            **common, **lora, **one_class, **with_text, name="star-one-class"
         ),
-        "lora_dreambooth_no_prior": TrainingSettings(
-            **common, **lora, train_text_encoder=True, name="star-no-prior"
+        "lora_dreambooth_no_prior": TrainingSettings(**common, **lora, **with_text, name="star-no-prior"),
+        "wide_lora_prior": TrainingSettings(
+            **common, **{**lora, "targets": WIDE_TARGETS}, **prior, **with_text, name="star-wide"
         ),
         "textual_inversion": TrainingSettings(
             **{**common, **on_word},
@@ -181,7 +220,10 @@ def main() -> None:
         # pivotal tuning: a UNet-only LoRA with prior preservation on top of the learned word
         "lora_on_word_prior": TrainingSettings(**{**common, **on_word}, **lora, **prior, name="star-on-word"),
     }
-    for key, settings in runs.items():
+    chosen = [r for r in args.runs.split(",") if r] or list(runs)
+    if unknown := set(chosen) - set(runs):
+        parser.error(f"unknown runs {sorted(unknown)}; known: {', '.join(runs)}")
+    for key, settings in ((k, runs[k]) for k in chosen):
         print(f"{key} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         result = trainer.run(settings, models, Context(args.out / key))
@@ -194,9 +236,9 @@ def main() -> None:
         print(json.dumps({key: row}), file=sys.stderr, flush=True)
 
     report["unet_bytes"] = sum(p.numel() * p.element_size() for p in models.base("toy-sd").unet.parameters())
-    report["fused_max_pixel_difference"] = fused_difference(
-        models, args.out / "library" / "loras" / "star-prior.safetensors"
-    )
+    fused = args.out / "library" / "loras" / "star-prior.safetensors"
+    if "lora_dreambooth_prior" in chosen:
+        report["fused_max_pixel_difference"] = fused_difference(models, fused)
     print(json.dumps(report, indent=1))
 
 
