@@ -124,13 +124,13 @@ def _coerce(name: str, value, hint):
 # --------------------------------------------------------------------------- checks shared by techniques
 
 
-def check_prompt(name: str, text: str, *, required: bool) -> None:
+def check_prompt(name: str, text: str, *, required: bool, limit: int = MAX_PROMPT_CHARS) -> None:
     if not isinstance(text, str):
         raise SettingsError(f"{name} must be text")
     if required and not text.strip():
         raise SettingsError(f"{name} is empty: describe the picture you want")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise SettingsError(f"{name} has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+    if len(text) > limit:
+        raise SettingsError(f"{name} has {len(text)} characters; the limit is {limit}")
 
 
 def check_int(name: str, value: int | None, lo: int, hi: int) -> None:

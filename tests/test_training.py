@@ -226,6 +226,15 @@ def test_several_class_prompts_make_a_regularisation_set_cycled_through(tiny_sd,
     stored = np.asarray(Image.open(folder / "0001.png"), dtype=np.int16)
     assert np.abs(stored - np.round(expected * 255).astype(np.int16)).max() <= 1
 
+    many = "\n".join(f"a red circle number {i}" for i in range(250))  # longer than a prompt's 4,000
+    assert (
+        len(
+            settings(
+                tiny_sd, stars, prior_preservation=True, class_prompt=many, class_images=250
+            ).class_prompts
+        )
+        == 250
+    )
     with pytest.raises(SettingsError, match="2 class prompts but 1 class pictures"):
         settings(tiny_sd, stars, prior_preservation=True, class_prompt=s.class_prompt, class_images=1)
 
@@ -242,6 +251,10 @@ def test_several_class_prompts_make_a_regularisation_set_cycled_through(tiny_sd,
         ({"name": "../escape"}, "name may use"),
         ({"steps": 0}, "steps must be between"),
         ({"rank": None}, "rank must be a whole number, not empty"),
+        (
+            {"prior_preservation": True, "class_prompt": "a shape\n" * 2700},
+            "class prompt has 21600 characters",
+        ),
     ],
 )
 def test_bad_settings_are_refused_with_a_message(tiny_sd, stars, changes, message):

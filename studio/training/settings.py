@@ -19,6 +19,7 @@ TOKEN = re.compile(r"^<?[A-Za-z0-9_-]{1,32}>?$")
 TARGET = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
 
 
+CLASS_PROMPT_CHARS = 16_000  # the gallery's limit on a stored text; each line is one prompt
 COUNTS = (
     "class_images",
     "steps",
@@ -83,7 +84,9 @@ class TrainingSettings(Settings):
         if not isinstance(self.images, str) or not self.images.strip():
             raise SettingsError("no training images given: a folder of pictures")
         check_prompt("instance prompt", self.instance_prompt, required=True)
-        check_prompt("class prompt", self.class_prompt, required=self.prior_preservation)
+        check_prompt(  # a regularisation set: a prompt a line
+            "class prompt", self.class_prompt, required=self.prior_preservation, limit=CLASS_PROMPT_CHARS
+        )
         check_prompt("sample prompt", self.sample_prompt, required=False)
         if self.prior_preservation and self.method == "textual-inversion":
             raise SettingsError("prior preservation is for LoRA and DreamBooth, not textual inversion")
