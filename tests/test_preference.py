@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT
+from safetensors.torch import load_file, save_file
 
 from studio.evaluate import EvaluationSettings, score_pictures
 from studio.models import ModelError, ModelManager
@@ -163,6 +164,8 @@ def tiny_hps(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = open_clip.create_model("tiny-hps", pretrained=None)
     torch.save({"state_dict": model.state_dict(), "epoch": 1}, folder / "HPS_v2_compressed.pt")
+    reference = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(reference, folder / "reference.safetensors")  # the reference reads no pickle
     return folder / "HPS_v2_compressed.pt"
 
 
@@ -175,7 +178,7 @@ def hpsv2_reference(checkpoint: Path, images, prompts) -> np.ndarray:
     model, _, preprocess_val = open_clip.create_model_and_transforms(
         "tiny-hps", pretrained=None, output_dict=True
     )
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu")["state_dict"])
+    model.load_state_dict(load_file(checkpoint.with_name("reference.safetensors")))
     model.eval()
     tokenizer = open_clip.get_tokenizer("tiny-hps")
     scores = []
