@@ -34,7 +34,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from studio.controlnet import MAX_UNITS, ControlNetSettings, ControlUnit
+from studio.controlnet import MAX_UNITS, ControlNetSettings, ControlUnit, catalog_thresholds
 from studio.controlnet import preview_map as preview_control_map
 from studio.gallery import GalleryError
 from studio.images import open_image
@@ -200,10 +200,10 @@ def build(studio, bus: Bus) -> ControlNetTab:
         p = spec.defaults.get("preprocessor")
         return p if p in PREPROCESSORS else None
 
-    def control_thresholds(name: str) -> tuple:
+    def control_thresholds(name: str, preprocessor: str) -> tuple:
         """The thresholds a catalog ControlNet's maps were made with (None: the preprocessor's)."""
-        spec = models.catalog.get((name or "").strip())
-        return tuple(spec.defaults.get("preprocessor_thresholds") or (None, None)) if spec else (None, None)
+        unit = catalog_thresholds(models, ControlUnit(model=name or "", preprocessor=preprocessor))
+        return unit.threshold_a, unit.threshold_b
 
     def preset_names() -> list[str]:
         return [p.name for p in list_presets() if p.settings.technique == ControlNetSettings.technique]
@@ -235,7 +235,7 @@ def build(studio, bus: Bus) -> ControlNetTab:
                 control = DEFAULT_CONTROLS[min(i, len(DEFAULT_CONTROLS)) - 1]
                 control = control if control in controls else (controls or [None])[0]
                 pre = control_preprocessor(control) or "none"
-                p, (value_a, value_b) = PREPROCESSORS[pre], control_thresholds(control)
+                p, (value_a, value_b) = PREPROCESSORS[pre], control_thresholds(control, pre)
                 with gr.Accordion(f"Control unit {i}", open=i == 1, elem_id=f"cn-unit{i}") as panel:
                     enabled = gr.Checkbox(value=i == 1, label="Enabled", elem_id=f"cn-unit{i}-enabled")
                     unit_model = gr.Dropdown(
@@ -561,7 +561,7 @@ def build(studio, bus: Bus) -> ControlNetTab:
             pre = control_preprocessor(name)
             if pre is None:
                 return gr.skip()
-            p, (a, b) = PREPROCESSORS[pre], control_thresholds(name)
+            p, (a, b) = PREPROCESSORS[pre], control_thresholds(name, pre)
             return {
                 unit.preprocessor: pre,
                 unit.threshold_a: threshold_slider(p.a, a),
