@@ -333,7 +333,7 @@ def test_gallery_send_to_editing_loads_the_picture(page, app, tiny_sd, capfd):
         "document.querySelector('#edit-input img').naturalWidth === 48 && "
         "document.querySelector('#edit-input img').naturalHeight === 40"
     )
-    assert page.get_by_role("tab", name="Editing", selected=True).count() == 1
+    page.get_by_role("tab", name="Editing", selected=True).wait_for()  # routed on the same message
 
     # An edit of it is the gallery item's child: no upload was stored.
     before = app.studio.gallery.count()
@@ -610,7 +610,8 @@ def test_gallery_pictures_sent_to_evaluation_are_scored(page, app, capfd):
             "?.value || '').split(', ').includes(String(id))",
             arg=item.id,
         )
-    page.get_by_role("tab", name="Evaluation", selected=True).wait_for()  # the app switched tabs
+        # the app switches tabs on the same message: wait for it before clicking "Gallery" again
+        page.get_by_role("tab", name="Evaluation", selected=True).wait_for()
     ids = page.locator("#eval-gallery-ids textarea, #eval-gallery-ids input").first.input_value()
     assert ids == f"{items[0].id}, {items[1].id}"
     assert page.locator("#eval-mode").get_by_label("gallery").is_checked()
