@@ -86,6 +86,25 @@ def on_gpu(fn):
 _nonce = 0
 
 
+def api_only(fn, api_name: str, *, files: tuple[str, ...] = (), pictures: bool = True) -> None:
+    """An endpoint for API clients only, on the GPU lane: hidden inputs (a file input per entry
+    of `files`, "one" or "many" pictures, then the settings as JSON) and hidden outputs (the
+    pictures when `pictures`, then a JSON report). Must be called inside the tab's Blocks."""
+    inputs = [
+        gr.File(visible=False, type="filepath", file_count="multiple" if f == "many" else "single")
+        for f in files
+    ] + [gr.JSON(visible=False)]
+    outputs = ([gr.Gallery(visible=False, format="png")] if pictures else []) + [gr.JSON(visible=False)]
+    gr.Button(visible=False).click(
+        fn,
+        inputs if len(inputs) > 1 else inputs[0],
+        outputs if len(outputs) > 1 else outputs[0],
+        api_name=api_name,
+        concurrency_id=GPU_LANE,
+        concurrency_limit=1,
+    )
+
+
 def bus_message(target: str, settings: dict | None = None, image_id: int | None = None) -> dict:
     """A new bus value (the nonce makes a repeated message still count as a change)."""
     global _nonce

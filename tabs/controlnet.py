@@ -46,7 +46,17 @@ from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen, whole
+from .common import (
+    GPU_LANE,
+    Bus,
+    SessionRuns,
+    api_only,
+    on_gpu,
+    share_link,
+    user_errors,
+    user_errors_gen,
+    whole,
+)
 from .editing import _existing, _upload_path
 from .txt2img import MODEL_DEFAULT, format_loras, parse_loras
 
@@ -776,18 +786,7 @@ def build(studio, bus: Bus) -> ControlNetTab:
         api_visibility="private",
     )
 
-    api_files = gr.File(visible=False, file_count="multiple", type="filepath")
-    api_in = gr.JSON(visible=False)
-    api_images = gr.Gallery(visible=False, format="png")
-    api_out = gr.JSON(visible=False)
-    gr.Button(visible=False).click(
-        api_controlnet,
-        [api_files, api_in],
-        [api_images, api_out],
-        api_name="controlnet",
-        concurrency_id=GPU_LANE,
-        concurrency_limit=1,
-    )
+    api_only(api_controlnet, "controlnet", files=("many",))
     return ControlNetTab(fields=fields, units=units, generate=generate, images=images, info=info)
 
 

@@ -31,7 +31,17 @@ from studio.sdedit import SDEditSettings
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen, whole
+from .common import (
+    GPU_LANE,
+    Bus,
+    SessionRuns,
+    api_only,
+    on_gpu,
+    share_link,
+    user_errors,
+    user_errors_gen,
+    whole,
+)
 from .txt2img import MODEL_DEFAULT, format_loras, parse_loras
 
 SDEDIT = "SDEdit"
@@ -527,22 +537,8 @@ def build(studio, bus: Bus) -> EditingTab:
         from_bus, bus.message, [*field_list, mode, input_image, source_id], api_visibility="private"
     )
 
-    api_file = gr.File(visible=False, type="filepath")
-    api_in = gr.JSON(visible=False)
-    api_images = gr.Gallery(visible=False, format="png")
-    api_out = gr.JSON(visible=False)
-    for cls, run, name in (
-        (SDEditSettings, studio.sdedit, "sdedit"),
-        (InstructPix2PixSettings, studio.ip2p, "ip2p"),
-    ):
-        gr.Button(visible=False).click(
-            api_endpoint(cls, run),
-            [api_file, api_in],
-            [api_images, api_out],
-            api_name=name,
-            concurrency_id=GPU_LANE,
-            concurrency_limit=1,
-        )
+    api_only(api_endpoint(SDEditSettings, studio.sdedit), "sdedit", files=("one",))
+    api_only(api_endpoint(InstructPix2PixSettings, studio.ip2p), "ip2p", files=("one",))
     return EditingTab(
         fields=fields,
         mode=mode,

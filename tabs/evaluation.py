@@ -31,7 +31,7 @@ from studio.models import PIPELINES
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 
-from .common import GPU_LANE, Bus, progress_bar, row_id, table_value, user_errors, whole
+from .common import Bus, api_only, progress_bar, row_id, table_value, user_errors, whole
 from .txt2img import MODEL_DEFAULT
 
 AXIS_EXAMPLES = {
@@ -520,17 +520,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
     load_settings.click(load_picked, picked, field_list, **private)
     bus.message.change(from_bus, [bus.message, gallery_box], field_list, **private)
 
-    api_in = gr.JSON(visible=False)
-    api_figures = gr.Gallery(visible=False, format="png")
-    api_out = gr.JSON(visible=False)
-    gr.Button(visible=False).click(
-        api_evaluate,
-        api_in,
-        [api_figures, api_out],
-        api_name="evaluate",
-        concurrency_id=GPU_LANE,
-        concurrency_limit=1,
-    )
+    api_only(api_evaluate, "evaluate")
     return EvaluationTab(fields=fields, start=start, cancel=cancel, status=status, plots=plots, table=table)
 
 

@@ -33,7 +33,17 @@ from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen, whole
+from .common import (
+    GPU_LANE,
+    Bus,
+    SessionRuns,
+    api_only,
+    on_gpu,
+    share_link,
+    user_errors,
+    user_errors_gen,
+    whole,
+)
 from .editing import _existing, _upload_path
 from .txt2img import MODEL_DEFAULT, format_loras, parse_loras
 
@@ -507,31 +517,8 @@ def build(studio, bus: Bus) -> IPAdapterTab:
     link_button.click(make_link, run_inputs, link, preprocess=False, **private)
     bus.message.change(from_bus, bus.message, form_outputs, **private)
 
-    api_references = gr.File(visible=False, file_count="multiple", type="filepath")
-    api_masks = gr.File(visible=False, file_count="multiple", type="filepath")
-    api_in = gr.JSON(visible=False)
-    api_images = gr.Gallery(visible=False, format="png")
-    api_out = gr.JSON(visible=False)
-    gr.Button(visible=False).click(
-        api_ip_adapter,
-        [api_references, api_masks, api_in],
-        [api_images, api_out],
-        api_name="ip_adapter",
-        concurrency_id=GPU_LANE,
-        concurrency_limit=1,
-    )
-    api_face = gr.File(visible=False, type="filepath")
-    api_face_in = gr.JSON(visible=False)
-    api_face_images = gr.Gallery(visible=False, format="png")
-    api_face_out = gr.JSON(visible=False)
-    gr.Button(visible=False).click(
-        api_instantid,
-        [api_face, api_face_in],
-        [api_face_images, api_face_out],
-        api_name="instantid",
-        concurrency_id=GPU_LANE,
-        concurrency_limit=1,
-    )
+    api_only(api_ip_adapter, "ip_adapter", files=("many", "many"))
+    api_only(api_instantid, "instantid", files=("one",))
     return IPAdapterTab(fields=fields, units=units, generate=generate, images=images, info=info)
 
 

@@ -25,7 +25,17 @@ from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen, whole
+from .common import (
+    GPU_LANE,
+    Bus,
+    SessionRuns,
+    api_only,
+    on_gpu,
+    share_link,
+    user_errors,
+    user_errors_gen,
+    whole,
+)
 from .txt2img import MODEL_DEFAULT
 
 MODE_HELP = {
@@ -351,12 +361,7 @@ def build(studio, bus: Bus) -> P2PTab:
     save_button.click(store_preset, form | {preset_name}, preset, api_visibility="private")
     bus.message.change(from_bus, bus.message, field_list, api_visibility="private")
 
-    api_in = gr.JSON(visible=False)
-    api_images = gr.Gallery(visible=False, format="png")
-    api_out = gr.JSON(visible=False)
-    gr.Button(visible=False).click(
-        api_p2p, api_in, [api_images, api_out], api_name="p2p", concurrency_id=GPU_LANE, concurrency_limit=1
-    )
+    api_only(api_p2p, "p2p")
     return P2PTab(
         fields=fields, generate=generate, compare=compare, maps=(source_maps, edited_maps), info=info
     )

@@ -32,7 +32,7 @@ from studio.training.settings import (
     TrainingSettings,
 )
 
-from .common import GPU_LANE, Bus, progress_bar, row_id, table_value, user_errors, whole
+from .common import Bus, api_only, progress_bar, row_id, table_value, user_errors, whole
 
 POLL_SECONDS = 1.0
 JOBS_SHOWN = 10
@@ -394,11 +394,7 @@ def build(studio, bus: Bus) -> TrainerTab:
     jobs.select(follow_job, None, [watched, shown, timer, *field_list], **private)
     bus.message.change(from_bus, bus.message, field_list, **private)
 
-    api_in = gr.JSON(visible=False)
-    api_out = gr.JSON(visible=False)
-    gr.Button(visible=False).click(
-        api_train, api_in, api_out, api_name="train", concurrency_id=GPU_LANE, concurrency_limit=1
-    )
+    api_only(api_train, "train", pictures=False)
     return TrainerTab(fields=fields, start=start, cancel=cancel, resume=resume, status=status)
 
 
