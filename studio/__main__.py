@@ -153,10 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--edit-prompt", default="", help="the edited prompt (reweight: leave out)")
     q.add_argument("--mode", default="replace", help="replace (swap words), refine (add words) or reweight")
     q.add_argument(
-        "--cross-replace", type=float, default=0.8, help="share of steps with the source's cross-attention"
+        "--cross-replace",
+        type=float,
+        help="share of steps with the source's cross-attention (default: the model's, else 0.8)",
     )
     q.add_argument(
-        "--self-replace", type=float, default=0.4, help="share of steps with the source's self-attention"
+        "--self-replace",
+        type=float,
+        help="share of steps with the source's self-attention (default: the model's, else 0.4)",
     )
     q.add_argument(
         "--local-blend", nargs="+", default=[], metavar="WORD", help="change only where these words attend"

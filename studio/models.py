@@ -121,6 +121,8 @@ def load_catalog(path: Path = CATALOG_PATH) -> dict[str, ModelSpec]:
                 "subfolder",
                 "weight_name",
                 "image_encoder",
+                "cross_replace",
+                "self_replace",
             )
             if k in e
         }

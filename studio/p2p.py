@@ -45,6 +45,9 @@ SUPPORTED_FAMILIES = ("sd",)
 SELF_REPLACE_MAX_POSITIONS = 16 * 16  # self-attention is only shared in layers this small
 BLEND_START = 0.2  # local blending begins after this share of the steps
 MAX_WORDS = 8
+# Hertz et al.'s word-swap fractions on SD; a catalog entry may set its own (toy-sd keeps its
+# layout only when self-attention is shared for longer: see its catalog entry).
+PAPER_REPLACE = {"cross_replace": 0.8, "self_replace": 0.4}
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,8 @@ class PromptToPromptSettings(Settings):
     scheduler: str | None = None
     width: int | None = None
     height: int | None = None
-    cross_replace: float = 0.8  # share of the steps whose cross-attention comes from P (τ_c)
-    self_replace: float = 0.4  # share of the steps whose self-attention comes from P
+    cross_replace: float | None = None  # share of the steps whose cross-attention comes from P (τ_c)
+    self_replace: float | None = None  # share of the steps whose self-attention comes from P
     local_blend: tuple[str, ...] = ()  # words whose attention region may change
     blend_threshold: float = 0.3
     reweight: tuple[Reweight, ...] = ()
@@ -402,6 +405,11 @@ def pick_map_shape(shapes: list[tuple[int, int]], width: int | None) -> tuple[in
     return small[0] if small else shapes[-1]
 
 
+def replace_defaults(spec) -> dict:
+    """The cross- and self-attention replace fractions of a model: its catalog entry's, else the paper's."""
+    return {name: spec.defaults.get(name, value) for name, value in PAPER_REPLACE.items()}
+
+
 def resolve(settings: PromptToPromptSettings, models: ModelManager):
     spec = models.resolve(settings.model)
     if spec.family not in SUPPORTED_FAMILIES + ("unknown",):
@@ -410,8 +418,10 @@ def resolve(settings: PromptToPromptSettings, models: ModelManager):
             "cross-attention of SD 1.x / 2.x models (toy-sd among them)"
         )
     d = model_defaults(spec)
+    fractions = {k: v for k, v in replace_defaults(spec).items() if getattr(settings, k) is None}
     s = settings.replace(
         **sampling_defaults(settings, d),
+        **fractions,
         width=settings.width or d["width"],
         height=settings.height or d["height"],
     )

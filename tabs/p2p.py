@@ -19,7 +19,14 @@ from dataclasses import dataclass
 import gradio as gr
 
 from studio.models import ModelError
-from studio.p2p import MODES, SUPPORTED_FAMILIES, PromptToPromptSettings, Reweight
+from studio.p2p import (
+    MODES,
+    PAPER_REPLACE,
+    SUPPORTED_FAMILIES,
+    PromptToPromptSettings,
+    Reweight,
+    replace_defaults,
+)
 from studio.presets import list_presets, load_preset, save_preset
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
@@ -81,10 +88,12 @@ def build(studio, bus: Bus) -> P2PTab:
     sd_models = [s.name for s in models.pipelines() if s.family in SUPPORTED_FAMILIES]
 
     def defaults(name: str) -> dict:
+        """Sampling defaults and replace fractions of a model (an unknown name: the usual ones)."""
         try:
-            return model_defaults(models.resolve(name))
+            spec = models.resolve(name)
         except ModelError:
-            return {"steps": 25, "guidance": 7.0}
+            return {"steps": 25, "guidance": 7.0, **PAPER_REPLACE}
+        return {**model_defaults(spec), **replace_defaults(spec)}
 
     def preset_names() -> list[str]:
         return [p.name for p in list_presets() if p.settings.technique == "p2p"]
@@ -117,7 +126,7 @@ def build(studio, bus: Bus) -> P2PTab:
                 cross_replace = gr.Slider(
                     0,
                     1,
-                    value=0.8,
+                    value=start["cross_replace"],
                     step=0.05,
                     label="Cross-attention replace",
                     info="share of the steps that use the source's word maps",
@@ -125,7 +134,7 @@ def build(studio, bus: Bus) -> P2PTab:
                 self_replace = gr.Slider(
                     0,
                     1,
-                    value=0.4,
+                    value=start["self_replace"],
                     step=0.05,
                     label="Self-attention replace",
                     info="share of the steps that use the source's layout",
@@ -242,8 +251,8 @@ def build(studio, bus: Bus) -> P2PTab:
             "prompt": s.prompt,
             "edit_prompt": s.edit_prompt,
             "mode": s.mode,
-            "cross_replace": s.cross_replace,
-            "self_replace": s.self_replace,
+            "cross_replace": d["cross_replace"] if s.cross_replace is None else s.cross_replace,
+            "self_replace": d["self_replace"] if s.self_replace is None else s.self_replace,
             "local_blend": " ".join(s.local_blend),
             "reweight": format_reweights(s.reweight),
             "negative_prompt": s.negative_prompt,
@@ -260,8 +269,15 @@ def build(studio, bus: Bus) -> P2PTab:
 
     @user_errors
     def show_defaults(name):
-        d = model_defaults(models.resolve(name))
-        return {steps: d["steps"], guidance: d["guidance"], scheduler: MODEL_DEFAULT}
+        spec = models.resolve(name)
+        d = {**model_defaults(spec), **replace_defaults(spec)}
+        return {
+            steps: d["steps"],
+            guidance: d["guidance"],
+            scheduler: MODEL_DEFAULT,
+            cross_replace: d["cross_replace"],
+            self_replace: d["self_replace"],
+        }
 
     @on_gpu
     @user_errors_gen
@@ -345,7 +361,12 @@ def build(studio, bus: Bus) -> P2PTab:
 
     field_list = list(fields.values())
     mode.change(lambda m: MODE_HELP.get(m, ""), mode, mode_help, api_visibility="private", queue=False)
-    model.input(show_defaults, model, [steps, guidance, scheduler], api_visibility="private")
+    model.input(
+        show_defaults,
+        model,
+        [steps, guidance, scheduler, cross_replace, self_replace],
+        api_visibility="private",
+    )
     gr.on(
         [generate.click, prompt.submit, edit_prompt.submit],
         run_p2p,

@@ -195,6 +195,18 @@ def test_without_any_replacement_the_edit_is_plain_generation(manager, tiny_sd):
 
 
 @needs_toy_sd
+def test_unset_replace_fractions_come_from_the_models_catalog_entry(manager):
+    from studio.p2p import PAPER_REPLACE, resolve
+
+    pair = dict(prompt="a red circle on the left", edit_prompt="a red square on the left")
+    s = resolve(PromptToPromptSettings(**pair), manager)
+    toy = manager.resolve("toy-sd").defaults["self_replace"]
+    assert s.self_replace == toy != PAPER_REPLACE["self_replace"]  # toy-sd's own share
+    assert s.cross_replace == PAPER_REPLACE["cross_replace"]  # not in its entry: the paper's
+    assert resolve(PromptToPromptSettings(**pair, self_replace=0.3), manager).self_replace == 0.3
+
+
+@needs_toy_sd
 def test_word_swap_keeps_the_picture_and_beats_regeneration(manager):
     from studio.toyworld.p2p_eval import word_swap
 
