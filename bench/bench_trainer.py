@@ -1,7 +1,8 @@
 """Teaching toy-sd the held-out star: LoRA-DreamBooth with and without prior preservation,
 Textual Inversion, LoRA size and fusing, all through the studio's trainer.
 
-    python bench/bench_trainer.py [--steps 1500] [--samples 64] [--per-category 16] [--out runs/bench_trainer]
+    python bench/bench_trainer.py [--steps 1500] [--samples 64] [--per-category 16] [--geneval-samples 4]
+                                  [--runs NAME,...] [--out runs/bench_trainer]
 
 The base models never saw a star (../shared/toyworld.md). Five rendered large stars, one on
 the left, right, top, bottom and one anywhere, captioned "a sks shape <position>" (each drawn
@@ -21,7 +22,7 @@ with prior preservation (text encoder frozen) trained on "a <sks> shape" on top 
 
 Prints JSON: the star rate of "a sks shape on the left" (judge, one sample a seed), toy
 GenEval on ordinary prompts (the same prompts and seeds for every model, so differences are
-paired) for the base model and each trained model, training wall time on this machine, file
+paired; 4 seeds a prompt: with one, two runs of the same model differ by several points) for the base model and each trained model, training wall time on this machine, file
 sizes, and the largest pixel difference between the unfused LoRA and the same LoRA fused
 into the weights (W' = W + (α/r)·B·A).
 """
@@ -144,6 +145,7 @@ def main() -> None:
         default=16,
         help="toy GenEval prompts per category (at most 18: single-object prompts are 6 colours × 3 shapes)",
     )
+    parser.add_argument("--geneval-samples", type=int, default=4, help="toy GenEval seeds per prompt")
     parser.add_argument(
         "--class-captions", type=int, default=60, help="world captions in the regularisation set"
     )
@@ -179,7 +181,9 @@ def main() -> None:
 
     def geneval(**extra):
         result = evaluate(
-            lambda p, s: images(p, s, **extra), samples_per_prompt=1, per_category=args.per_category
+            lambda p, s: images(p, s, **extra),
+            samples_per_prompt=args.geneval_samples,
+            per_category=args.per_category,
         )
         return round(result.overall, 3), {k: round(v, 3) for k, v in result.per_category.items()}
 

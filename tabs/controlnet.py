@@ -41,7 +41,6 @@ from studio.images import open_image
 from studio.models import CONTROL_KINDS, ModelError
 from studio.preprocessors import PREPROCESSORS, Threshold
 from studio.preprocessors import get as get_preprocessor
-from studio.presets import list_presets, load_preset, save_preset
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
@@ -52,12 +51,12 @@ from .common import (
     SessionRuns,
     api_only,
     on_gpu,
-    share_link,
     user_errors,
     user_errors_gen,
     whole,
 )
 from .editing import _existing, _upload_path
+from .sharing import sharing_rows
 from .txt2img import MODEL_DEFAULT, format_loras, parse_loras
 
 SUPPORTED_FAMILIES = ("sd", "sdxl")
@@ -214,9 +213,6 @@ def build(studio, bus: Bus) -> ControlNetTab:
         """The thresholds a catalog ControlNet's maps were made with (None: the preprocessor's)."""
         unit = catalog_thresholds(models, ControlUnit(model=name or "", preprocessor=preprocessor))
         return unit.threshold_a, unit.threshold_b
-
-    def preset_names() -> list[str]:
-        return [p.name for p in list_presets() if p.settings.technique == ControlNetSettings.technique]
 
     start = defaults(studio.default_model)
     # the studio's model (a catalog SD / SDXL name, or a folder or file of its own), else the first
@@ -391,17 +387,7 @@ def build(studio, bus: Bus) -> ControlNetTab:
                 label="Results, then the control maps", format="png", columns=2, elem_id="cn-images"
             )
             info = gr.Markdown(elem_id="cn-info")
-            with gr.Row():
-                link_button = gr.Button("Copy share link", size="sm")
-                link = gr.Textbox(label="Share link", buttons=["copy"], interactive=False, elem_id="cn-link")
-            with gr.Row():
-                preset = gr.Dropdown(preset_names(), label="Preset", value=None, elem_id="cn-preset")
-                load_button = gr.Button("Load preset", size="sm")
-            with gr.Row():
-                preset_name = gr.Textbox(
-                    label="Save as preset", placeholder="my-controlnet", elem_id="cn-preset-name"
-                )
-                save_button = gr.Button("Save preset", size="sm")
+            sharing = sharing_rows((ControlNetSettings.technique,), "ControlNet", "my-controlnet", "cn")
 
     fields = {
         "model": model,
@@ -710,27 +696,6 @@ def build(studio, bus: Bus) -> ControlNetTab:
         lines += [f"- {note}" for note in result.notes]
         return " · ".join(parts) + "\n\n" + "\n".join(lines)
 
-    @user_errors
-    def make_link(data: dict, request: gr.Request):
-        return share_link(request, to_settings(data)[0])
-
-    @user_errors
-    def apply_preset(name):
-        if not name:
-            raise SettingsError("choose a preset first")
-        settings = load_preset(name).settings
-        if settings.technique != ControlNetSettings.technique:
-            raise SettingsError(f"preset {name!r} is for {settings.technique}, not ControlNet")
-        return to_form(settings)
-
-    @user_errors
-    def store_preset(data: dict):
-        name = data[preset_name]
-        settings = to_settings(data)[0]
-        # a preset is for any picture: it names no stored map
-        save_preset(name, settings.replace(units=tuple(replace(u, map_id=None) for u in settings.units)))
-        return gr.update(choices=preset_names(), value=name)
-
     def from_bus(message):
         if not message or message.get("target") != "controlnet":
             return gr.skip()
@@ -776,9 +741,14 @@ def build(studio, bus: Bus) -> ControlNetTab:
         preprocess=False,  # the pictures reach the studio's reader as files (see tabs/editing.py)
     )
     stop.click(runs.cancel, None, None, queue=False, api_visibility="private")
-    link_button.click(make_link, settings_inputs, link, api_visibility="private")
-    load_button.click(apply_preset, preset, form_outputs, api_visibility="private")
-    save_button.click(store_preset, settings_inputs | {preset_name}, preset, api_visibility="private")
+    sharing.wire(
+        inputs=settings_inputs,
+        outputs=form_outputs,
+        settings_of=lambda data: to_settings(data)[0],
+        to_form=to_form,
+        # a preset is for any picture: it names no stored map
+        for_preset=lambda s: s.replace(units=tuple(replace(u, map_id=None) for u in s.units)),
+    )
     bus.message.change(
         from_bus,
         bus.message,

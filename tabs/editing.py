@@ -25,7 +25,6 @@ import gradio as gr
 
 from studio.ip2p import DEFAULT_IMAGE_GUIDANCE, InstructPix2PixSettings
 from studio.models import ModelError
-from studio.presets import list_presets, load_preset, save_preset
 from studio.schedulers import scheduler_names
 from studio.sdedit import SDEditSettings
 from studio.settings import SettingsError
@@ -37,11 +36,11 @@ from .common import (
     SessionRuns,
     api_only,
     on_gpu,
-    share_link,
     user_errors,
     user_errors_gen,
     whole,
 )
+from .sharing import sharing_rows
 from .txt2img import MODEL_DEFAULT, format_loras, parse_loras
 
 SDEDIT = "SDEdit"
@@ -111,9 +110,6 @@ def build(studio, bus: Bus) -> EditingTab:
         d = model_defaults(spec)
         d["image_guidance"] = spec.defaults.get("image_guidance", DEFAULT_IMAGE_GUIDANCE)
         return d
-
-    def preset_names() -> list[str]:
-        return [p.name for p in list_presets() if p.settings.technique in TECHNIQUES]
 
     sd_start = defaults(studio.default_model, 4.0)
     ip_start = defaults(IP2P_MODEL, 5.0)
@@ -244,15 +240,7 @@ def build(studio, bus: Bus) -> EditingTab:
                 interactive=False,
                 elem_id="edit-compare",
             )
-            with gr.Row():
-                link_button = gr.Button("Copy share link", size="sm")
-                link = gr.Textbox(label="Share link", buttons=["copy"], interactive=False)
-            with gr.Row():
-                preset = gr.Dropdown(preset_names(), label="Preset", value=None)
-                load_button = gr.Button("Load preset", size="sm")
-            with gr.Row():
-                preset_name = gr.Textbox(label="Save as preset", placeholder="my-edit")
-                save_button = gr.Button("Save preset", size="sm")
+            sharing = sharing_rows(TECHNIQUES, "editing", "my-edit", "edit")
     source_id = gr.State(None)  # the gallery item the input image is, when it is one
 
     fields = {
@@ -438,25 +426,6 @@ def build(studio, bus: Bus) -> EditingTab:
         notes = _notes_markdown(result.notes)
         return " · ".join(parts) + (f"\n\n{notes}" if notes else "")
 
-    @user_errors
-    def make_link(data: dict, request: gr.Request):
-        return share_link(request, to_settings(data))
-
-    @user_errors
-    def apply_preset(name):
-        if not name:
-            raise SettingsError("choose a preset first")
-        settings = load_preset(name).settings
-        if settings.technique not in TECHNIQUES:
-            raise SettingsError(f"preset {name!r} is for {settings.technique}, not editing")
-        return to_form(settings)
-
-    @user_errors
-    def store_preset(data: dict):
-        name = data[preset_name]
-        save_preset(name, to_settings(data).replace(source_id=None))  # a preset is for any picture
-        return gr.update(choices=preset_names(), value=name)
-
     def from_bus(message):
         # gr.skip() when the message is not for this tab: nothing here changes
         if not message or message.get("target") != "editing":
@@ -530,9 +499,13 @@ def build(studio, bus: Bus) -> EditingTab:
         preprocess=False,  # the input image reaches the studio's reader as a file (see _upload_path)
     )
     stop.click(runs.cancel, None, None, queue=False, api_visibility="private")
-    link_button.click(make_link, settings_inputs, link, api_visibility="private")
-    load_button.click(apply_preset, preset, [*field_list, mode], api_visibility="private")
-    save_button.click(store_preset, settings_inputs | {preset_name}, preset, api_visibility="private")
+    sharing.wire(
+        inputs=settings_inputs,
+        outputs=[*field_list, mode],
+        settings_of=to_settings,
+        to_form=to_form,
+        for_preset=lambda s: s.replace(source_id=None),  # a preset is for any picture
+    )
     bus.message.change(
         from_bus, bus.message, [*field_list, mode, input_image, source_id], api_visibility="private"
     )

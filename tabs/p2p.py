@@ -27,7 +27,6 @@ from studio.p2p import (
     Reweight,
     replace_defaults,
 )
-from studio.presets import list_presets, load_preset, save_preset
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import model_defaults
@@ -38,11 +37,11 @@ from .common import (
     SessionRuns,
     api_only,
     on_gpu,
-    share_link,
     user_errors,
     user_errors_gen,
     whole,
 )
+from .sharing import sharing_rows
 from .txt2img import MODEL_DEFAULT
 
 MODE_HELP = {
@@ -94,9 +93,6 @@ def build(studio, bus: Bus) -> P2PTab:
         except ModelError:
             return {"steps": 25, "guidance": 7.0, **PAPER_REPLACE}
         return {**model_defaults(spec), **replace_defaults(spec)}
-
-    def preset_names() -> list[str]:
-        return [p.name for p in list_presets() if p.settings.technique == "p2p"]
 
     start = defaults(studio.default_model)
     first = studio.default_model if studio.default_model in sd_models else (sd_models or [None])[0]
@@ -192,15 +188,7 @@ def build(studio, bus: Bus) -> P2PTab:
                 interactive=False,
                 elem_id="p2p-edited-maps",
             )
-            with gr.Row():
-                link_button = gr.Button("Copy share link", size="sm")
-                link = gr.Textbox(label="Share link", buttons=["copy"], interactive=False)
-            with gr.Row():
-                preset = gr.Dropdown(preset_names(), label="Preset", value=None)
-                load_button = gr.Button("Load preset", size="sm")
-            with gr.Row():
-                preset_name = gr.Textbox(label="Save as preset", placeholder="my-p2p")
-                save_button = gr.Button("Save preset", size="sm")
+            sharing = sharing_rows(("p2p",), "Prompt-to-Prompt", "my-p2p", "p2p")
 
     fields = {
         "model": model,
@@ -316,25 +304,6 @@ def build(studio, bus: Bus) -> P2PTab:
         notes = "\n".join(f"- {note}" for note in result.notes)
         return " · ".join(parts) + (f"\n\n{notes}" if notes else "")
 
-    @user_errors
-    def make_link(data: dict, request: gr.Request):
-        return share_link(request, to_settings(data))
-
-    @user_errors
-    def apply_preset(name):
-        if not name:
-            raise SettingsError("choose a preset first")
-        settings = load_preset(name).settings
-        if settings.technique != "p2p":
-            raise SettingsError(f"preset {name!r} is for {settings.technique}, not Prompt-to-Prompt")
-        return to_form(settings)
-
-    @user_errors
-    def store_preset(data: dict):
-        name = data[preset_name]
-        save_preset(name, to_settings(data))
-        return gr.update(choices=preset_names(), value=name)
-
     def from_bus(message):
         if not message or message.get("target") != "p2p" or not message.get("settings"):
             return gr.skip()
@@ -377,9 +346,7 @@ def build(studio, bus: Bus) -> P2PTab:
         api_visibility="private",
     )
     stop.click(runs.cancel, None, None, queue=False, api_visibility="private")
-    link_button.click(make_link, form, link, api_visibility="private")
-    load_button.click(apply_preset, preset, field_list, api_visibility="private")
-    save_button.click(store_preset, form | {preset_name}, preset, api_visibility="private")
+    sharing.wire(inputs=form, outputs=field_list, settings_of=to_settings, to_form=to_form)
     bus.message.change(from_bus, bus.message, field_list, api_visibility="private")
 
     api_only(api_p2p, "p2p")

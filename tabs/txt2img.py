@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import gradio as gr
 
 from studio.models import LoraRef
-from studio.presets import list_presets, load_preset, save_preset
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import Txt2ImgSettings, model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, on_gpu, share_link, user_errors, user_errors_gen, whole
+from .common import GPU_LANE, Bus, SessionRuns, on_gpu, user_errors, user_errors_gen, whole
+from .sharing import sharing_rows
 
 MODEL_DEFAULT = "(model default)"
 
@@ -71,7 +71,6 @@ def format_loras(loras) -> str:
 def build(studio, bus: Bus) -> Txt2ImgTab:
     models = studio.models
     runs = SessionRuns(studio)
-    presets = [p.name for p in list_presets(technique="txt2img")]
 
     with gr.Row():
         with gr.Column(scale=3):
@@ -134,15 +133,7 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
             )
             images = gr.Gallery(label="Images", format="png", columns=2, elem_id="t2i-images")
             info = gr.Markdown(elem_id="t2i-info")
-            with gr.Row():
-                link_button = gr.Button("Copy share link", size="sm")
-                link = gr.Textbox(label="Share link", buttons=["copy"], interactive=False)
-            with gr.Row():
-                preset = gr.Dropdown(presets, label="Preset", value=None)
-                load_button = gr.Button("Load preset", size="sm")
-            with gr.Row():
-                preset_name = gr.Textbox(label="Save as preset", placeholder="my-preset")
-                save_button = gr.Button("Save preset", size="sm")
+            sharing = sharing_rows(("txt2img",), "txt2img", "my-preset", "t2i")
 
     fields = {
         "model": model,
@@ -252,22 +243,6 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
                 }
                 return
 
-    @user_errors
-    def make_link(data: dict, request: gr.Request):
-        return share_link(request, to_settings(data))
-
-    @user_errors
-    def apply_preset(name):
-        if not name:
-            raise SettingsError("choose a preset first")
-        return to_form(load_preset(name).settings)
-
-    @user_errors
-    def store_preset(data: dict):
-        name = data[preset_name]
-        save_preset(name, to_settings(data))
-        return gr.update(choices=[p.name for p in list_presets(technique="txt2img")], value=name)
-
     def from_bus(message):
         # gr.skip(), not {}: an empty dict is one output value, and this event has 18 outputs
         if not message or message.get("target") != "txt2img" or not message.get("settings"):
@@ -333,9 +308,7 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
         api_visibility="private",
     )
     stop.click(runs.cancel, None, None, queue=False, api_visibility="private")
-    link_button.click(make_link, form, link, api_visibility="private")
-    load_button.click(apply_preset, preset, list(fields.values()), api_visibility="private")
-    save_button.click(store_preset, form | {preset_name}, preset, api_visibility="private")
+    sharing.wire(inputs=form, outputs=list(fields.values()), settings_of=to_settings, to_form=to_form)
     bus.message.change(from_bus, bus.message, list(fields.values()), api_visibility="private")
 
     api_in = gr.JSON(visible=False)

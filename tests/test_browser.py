@@ -136,6 +136,39 @@ def test_generate_then_find_it_in_the_gallery(page, app, tmp_path, capfd):
     assert server_tracebacks(capfd) == ""
 
 
+def test_a_saved_preset_loads_back_and_the_form_gives_a_share_link(page, app, capfd):
+    import uuid
+    from urllib.parse import parse_qs, urlsplit
+
+    from studio.presets import PRESET_DIR, decode_link
+
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    open_app(page, app.url)
+    panel = page.locator("[role=tabpanel]:visible")
+    prompt_box(page).fill("a blue square at the top")
+    try:
+        panel.get_by_label("Save as preset").fill(name)
+        panel.get_by_role("button", name="Save preset").click()
+        page.wait_for_function(
+            "(name) => document.querySelector('#t2i-preset input').value === name", arg=name
+        )
+        assert (PRESET_DIR / f"{name}.json").is_file()
+        prompt_box(page).fill("something else")
+        panel.get_by_role("button", name="Load preset").click()
+        page.wait_for_function(
+            "document.querySelector('#t2i-prompt textarea').value === 'a blue square at the top'"
+        )
+    finally:
+        (PRESET_DIR / f"{name}.json").unlink(missing_ok=True)
+    panel.get_by_role("button", name="Copy share link").click()
+    link = page.locator("#t2i-link textarea, #t2i-link input").first
+    page.wait_for_function("(el) => el.value.includes('s=')", arg=link.element_handle())
+    token = parse_qs(urlsplit(link.input_value()).query)["s"][0]
+    assert decode_link(token).prompt == "a blue square at the top"
+    assert page.errors == []
+    assert server_tracebacks(capfd) == ""
+
+
 def test_share_link_fills_the_form(page, app, capfd):
     from studio.presets import encode_link
     from studio.txt2img import Txt2ImgSettings
