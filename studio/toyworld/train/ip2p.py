@@ -153,7 +153,9 @@ def write_ip2p_card(folder: Path, unet, steps: int, seconds: float | None = None
     from ..edit_eval import instruct_pix2pix_score
     from .cards import hardware, write_card
 
-    scores = instruct_pix2pix_score(ModelManager(), str(folder), n=100, guidance=GUIDANCE, image_guidance=IMAGE_GUIDANCE)
+    scores = instruct_pix2pix_score(
+        ModelManager(), str(folder), n=100, guidance=GUIDANCE, image_guidance=IMAGE_GUIDANCE
+    )
     write_card(
         folder,
         FOLDER,
