@@ -17,6 +17,10 @@ from .common import share_link, user_errors
 PRIVATE = {"api_visibility": "private"}
 
 
+def preset_names(techniques: tuple[str, ...]) -> list[str]:
+    return [p.name for p in list_presets() if p.settings.technique in techniques]
+
+
 @dataclass
 class Sharing:
     techniques: tuple[str, ...]  # the settings kinds this tab's presets hold
@@ -29,7 +33,7 @@ class Sharing:
     save_button: gr.Button
 
     def preset_names(self) -> list[str]:
-        return [p.name for p in list_presets() if p.settings.technique in self.techniques]
+        return preset_names(self.techniques)
 
     def wire(
         self,
@@ -77,9 +81,8 @@ def sharing_rows(techniques: tuple[str, ...], label: str, placeholder: str, elem
     with gr.Row():
         link_button = gr.Button("Copy share link", size="sm")
         link = gr.Textbox(label="Share link", buttons=["copy"], interactive=False, elem_id=elem("link"))
-    names = [p.name for p in list_presets() if p.settings.technique in techniques]
     with gr.Row():
-        preset = gr.Dropdown(names, label="Preset", value=None, elem_id=elem("preset"))
+        preset = gr.Dropdown(preset_names(techniques), label="Preset", value=None, elem_id=elem("preset"))
         load_button = gr.Button("Load preset", size="sm")
     with gr.Row():
         preset_name = gr.Textbox(label="Save as preset", placeholder=placeholder, elem_id=elem("preset-name"))
