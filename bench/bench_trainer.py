@@ -20,10 +20,11 @@ LoRA (attention, feed-forward, proj and resnet convs) with the regularisation se
 Textual Inversion: one new word <sks> from "shape", LR 5e-3. Pivotal tuning: the K/V LoRA
 with prior preservation (text encoder frozen) trained on "a <sks> shape" on top of it.
 
-Prints JSON: the star rate of "a sks shape on the left" (judge, one sample a seed), toy
-GenEval on ordinary prompts (the same prompts and seeds for every model, so differences are
-paired; 4 seeds a prompt: with one, two runs of the same model differ by several points) for the base model and each trained model, training wall time on this machine, file
-sizes, and the largest pixel difference between the unfused LoRA and the same LoRA fused
+Prints JSON: the star rate of "a sks shape on the left" (judge, one sample a seed); toy
+GenEval on ordinary prompts for the base model and each trained model (the same prompts and
+seeds for every model, so differences are paired; 4 seeds a prompt, since with one, two runs
+of the same model differ by several points); training wall time on this machine; file
+sizes; and the largest pixel difference between the unfused LoRA and the same LoRA fused
 into the weights (W' = W + (α/r)·B·A).
 """
 

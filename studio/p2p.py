@@ -405,9 +405,11 @@ def pick_map_shape(shapes: list[tuple[int, int]], width: int | None) -> tuple[in
     return small[0] if small else shapes[-1]
 
 
-def replace_defaults(spec) -> dict:
-    """The cross- and self-attention replace fractions of a model: its catalog entry's, else the paper's."""
-    return {name: spec.defaults.get(name, value) for name, value in PAPER_REPLACE.items()}
+def p2p_defaults(spec) -> dict:
+    """A model's sampling defaults and its cross- and self-attention replace fractions (its
+    catalog entry's, else the paper's)."""
+    fractions = {name: spec.defaults.get(name, value) for name, value in PAPER_REPLACE.items()}
+    return {**model_defaults(spec), **fractions}
 
 
 def resolve(settings: PromptToPromptSettings, models: ModelManager):
@@ -417,8 +419,8 @@ def resolve(settings: PromptToPromptSettings, models: ModelManager):
             f"{spec.name} is a {spec.family} model; Prompt-to-Prompt here controls the UNet "
             "cross-attention of SD 1.x / 2.x models (toy-sd among them)"
         )
-    d = model_defaults(spec)
-    fractions = {k: v for k, v in replace_defaults(spec).items() if getattr(settings, k) is None}
+    d = p2p_defaults(spec)
+    fractions = {name: d[name] for name in PAPER_REPLACE if getattr(settings, name) is None}
     s = settings.replace(
         **sampling_defaults(settings, d),
         **fractions,

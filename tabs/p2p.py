@@ -25,11 +25,10 @@ from studio.p2p import (
     SUPPORTED_FAMILIES,
     PromptToPromptSettings,
     Reweight,
-    replace_defaults,
+    p2p_defaults,
 )
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
-from studio.txt2img import model_defaults
 
 from .common import (
     GPU_LANE,
@@ -92,7 +91,7 @@ def build(studio, bus: Bus) -> P2PTab:
             spec = models.resolve(name)
         except ModelError:
             return {"steps": 25, "guidance": 7.0, **PAPER_REPLACE}
-        return {**model_defaults(spec), **replace_defaults(spec)}
+        return p2p_defaults(spec)
 
     start = defaults(studio.default_model)
     first = studio.default_model if studio.default_model in sd_models else (sd_models or [None])[0]
@@ -257,8 +256,7 @@ def build(studio, bus: Bus) -> P2PTab:
 
     @user_errors
     def show_defaults(name):
-        spec = models.resolve(name)
-        d = {**model_defaults(spec), **replace_defaults(spec)}
+        d = p2p_defaults(models.resolve(name))
         return {
             steps: d["steps"],
             guidance: d["guidance"],

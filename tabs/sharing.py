@@ -32,9 +32,6 @@ class Sharing:
     preset_name: gr.Textbox
     save_button: gr.Button
 
-    def preset_names(self) -> list[str]:
-        return preset_names(self.techniques)
-
     def wire(
         self,
         *,
@@ -64,7 +61,7 @@ class Sharing:
         def store_preset(data: dict):
             name = data[self.preset_name]
             save_preset(name, for_preset(settings_of(data)))
-            return gr.update(choices=self.preset_names(), value=name)
+            return gr.update(choices=preset_names(self.techniques), value=name)
 
         self.link_button.click(make_link, inputs, self.link, **PRIVATE)
         self.load_button.click(apply_preset, self.preset, outputs, **PRIVATE)
