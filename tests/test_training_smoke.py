@@ -332,3 +332,18 @@ def test_a_fresh_controlnet_leaves_the_base_model_bit_identical_and_its_zero_con
     assert not torch.equal(controlled, base)
     ((controlled - target) ** 2).mean().backward()
     assert net.controlnet_cond_embedding.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_a_time_budget_fits_the_step_count_to_the_measured_pace(monkeypatch):
+    """--minutes: after the probe steps the plan keeps as many steps as the budget allows."""
+    now = [0.0]
+    monkeypatch.setattr(common.time, "time", lambda: now[0])
+    plan = common.StepPlan(10**9, budget=100.0)
+    seen = []
+    for step in plan.run(0):
+        seen.append(step)
+        now[0] += 0.5  # every step takes half a second
+    # 100 s at 0.5 s a step: 200 steps in all, the learning-rate schedule told so at step 60
+    assert plan.total == len(seen) == 200 and seen == list(range(200))
+    fixed = common.StepPlan(30)
+    assert list(fixed.run(10)) == list(range(10, 30)) and fixed.total == 30

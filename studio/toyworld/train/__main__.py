@@ -2,6 +2,8 @@
 
 Every stage checkpoints into --work and resumes from there after an interruption; a
 finished stage's model folder in --out is kept and skipped unless --force is given.
+On a GPU, `--batch` and `--minutes` trade the CPU-sized defaults for larger batches and
+as many steps as fit in a wall-clock budget (sd, ip2p, sd3, controlnet, ip_adapter).
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/toyworld"))
     parser.add_argument("--out", type=Path, default=Path("assets/models"))
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="train as many steps as fit in this many minutes (--steps, if given, caps them)",
+    )
+    parser.add_argument("--batch", type=int, default=None, help="override the stage's batch size")
     parser.add_argument("--force", action="store_true", help="retrain stages whose folder exists")
     parser.add_argument(
         "--ablation",
@@ -44,6 +53,10 @@ def main(argv=None) -> int:
         module = __import__(f"studio.toyworld.train.{stage}", fromlist=["train"])
         started = time.time()
         kwargs = {"steps": args.steps} if args.steps else {}
+        if args.minutes and stage not in ("clip", "vae"):
+            kwargs = {"steps": args.steps or 10**9, "budget": args.minutes * 60}
+        if args.batch:
+            module.BATCH = args.batch
         if args.ablation:
             if stage != "ip_adapter":
                 parser.error("--ablation is a flag of the ip_adapter stage")

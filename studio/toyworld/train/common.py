@@ -173,6 +173,30 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
     return int(scalars["step"])
 
 
+class StepPlan:
+    """How many steps a stage's loop runs: `steps`, or, given a wall-clock `budget` in
+    seconds, at most as many as fit in it — fitted once, from the pace of this run's first
+    PROBE steps (the first WARM of them not counted: CUDA and the allocator warm up there).
+    The learning-rate schedule reads `total`, so it follows the fitted count."""
+
+    WARM, PROBE = 10, 60
+
+    def __init__(self, steps: int, budget: float | None = None):
+        self.total, self.budget = steps, budget
+
+    def run(self, start: int):
+        step, began = start, time.time()
+        while step < self.total:
+            yield step
+            step += 1
+            if self.budget and step - start == self.WARM:
+                warm = time.time()
+            elif self.budget and step - start == self.PROBE:
+                pace = (time.time() - warm) / (self.PROBE - self.WARM)
+                left = self.budget - (time.time() - began)
+                self.total = min(self.total, step + max(0, int(left / pace)))
+
+
 def warmup_lr(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
 

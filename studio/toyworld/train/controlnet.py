@@ -29,7 +29,7 @@ import torch
 
 from ..captions import sample_pair
 from ..render import CANNY_THRESHOLDS, canny_map, render, segmentation_map
-from .common import EMA, cosine_decay, load_checkpoint, log, pick_device, save_checkpoint, warmup_lr
+from .common import EMA, StepPlan, cosine_decay, load_checkpoint, log, pick_device, save_checkpoint, warmup_lr
 from .sd import SEED as SD_SEED
 from .sd import build_latent_dataset, scheduler_config
 
@@ -89,7 +89,7 @@ def loss_on_batch(controlnet, unet, context, alphas, noise_scheduler, z0, cond, 
     return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
-def train_kind(kind: str, work: Path, out: Path, steps: int = STEPS) -> None:
+def train_kind(kind: str, work: Path, out: Path, steps: int = STEPS, budget: float | None = None) -> None:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     started = time.time()
@@ -118,7 +118,8 @@ def train_kind(kind: str, work: Path, out: Path, steps: int = STEPS) -> None:
     spent = json.loads(clock.read_text())["seconds"] if start and clock.exists() else 0.0
     controlnet.train()
     seed = {"canny": 61, "seg": 62}[kind]
-    for step in range(start, steps):
+    plan = StepPlan(steps, budget)
+    for step in plan.run(start):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         index = torch.randint(0, len(ids_all), (BATCH,), generator=g)
         z0 = (data["mean"][index] + data["std"][index] * torch.randn(BATCH, 4, 8, 8, generator=g)) * scale
@@ -130,7 +131,7 @@ def train_kind(kind: str, work: Path, out: Path, steps: int = STEPS) -> None:
         with torch.no_grad():
             context = text_encoder(ids.to(device)).last_hidden_state
         for group in opt.param_groups:
-            group["lr"] = warmup_lr(step, LR, 100) * cosine_decay(step, steps)
+            group["lr"] = warmup_lr(step, LR, 100) * cosine_decay(step, plan.total)
         loss = loss_on_batch(
             controlnet,
             unet,
@@ -147,11 +148,12 @@ def train_kind(kind: str, work: Path, out: Path, steps: int = STEPS) -> None:
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
         opt.step()
         ema.update(controlnet)
-        if step % 50 == 0 or step == steps - 1:
-            log(f"controlnet-{kind}", step, steps, loss=loss.item())
+        if step % 50 == 0 or step == plan.total - 1:
+            log(f"controlnet-{kind}", step, plan.total, loss=loss.item())
         if (step + 1) % 250 == 0:
             save_checkpoint(ckpt, modules, opt, step + 1, ema)
             clock.write_text(json.dumps({"seconds": spent + time.time() - started}))
+    steps = plan.total
     save_checkpoint(ckpt, modules, opt, steps, ema)
     seconds = spent + time.time() - started
     clock.write_text(json.dumps({"seconds": seconds}))
@@ -195,7 +197,7 @@ def export(out: Path, kind: str, controlnet, steps: int, seconds: float, scenes:
     )
 
 
-def train(work: Path, out: Path, steps: int = STEPS) -> None:
+def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None) -> None:
     for kind in KINDS:
         if not (out / KINDS[kind] / "config.json").exists():
-            train_kind(kind, work, out, steps)
+            train_kind(kind, work, out, steps, budget)

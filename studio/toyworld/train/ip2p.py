@@ -21,6 +21,7 @@ import torch
 
 from .common import (
     EMA,
+    StepPlan,
     cosine_decay,
     images_to_tensor,
     load_checkpoint,
@@ -84,7 +85,7 @@ def build_edit_dataset(vae, path: Path, device, n: int = DATASET) -> dict:
     return {**data, "instructions": instructions}
 
 
-def train(work: Path, out: Path, steps: int = STEPS) -> None:
+def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None) -> None:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     device = pick_device()
@@ -111,7 +112,8 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
     start = load_checkpoint(ckpt, modules, opt, ema) if ckpt.exists() else 0
     unet.train()
     text_encoder.train()
-    for step in range(start, steps):
+    plan = StepPlan(steps, budget)
+    for step in plan.run(start):
         g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
         index = torch.randint(0, len(ids_all), (BATCH,), generator=g)
         z0 = (data["mean"][index] + data["std"][index] * torch.randn(BATCH, 4, 8, 8, generator=g)) * scale
@@ -124,7 +126,7 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (BATCH,), generator=g)
         z0, cond, ids, noise, t = (x.to(device) for x in (z0, cond, ids, noise, t))
-        decay = cosine_decay(step, steps)
+        decay = cosine_decay(step, plan.total)
         for group, base_lr in zip(opt.param_groups, (LR, TEXT_LR), strict=True):
             group["lr"] = warmup_lr(step, base_lr, 100) * decay
         loss = loss_on_batch(
@@ -135,10 +137,11 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
         opt.step()
         ema.update(torch.nn.ModuleDict(modules))
-        if step % 50 == 0 or step == steps - 1:
-            log("ip2p", step, steps, loss=loss.item())
+        if step % 50 == 0 or step == plan.total - 1:
+            log("ip2p", step, plan.total, loss=loss.item())
         if (step + 1) % 250 == 0:
             save_checkpoint(ckpt, modules, opt, step + 1, ema)
+    steps = plan.total
     save_checkpoint(ckpt, modules, opt, steps, ema)
     ema.copy_to(torch.nn.ModuleDict(modules))
     from diffusers import StableDiffusionInstructPix2PixPipeline

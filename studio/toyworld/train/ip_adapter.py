@@ -52,6 +52,7 @@ from ..render import render
 from ..world import BACKGROUNDS, COLORS, POSITIONS, SHAPES
 from .common import (
     EMA,
+    StepPlan,
     cosine_decay,
     images_to_tensor,
     load_checkpoint,
@@ -306,7 +307,9 @@ def name_of(concatenated: bool) -> str:
     return "ip_adapter_concat" if concatenated else "ip_adapter"
 
 
-def train(work: Path, out: Path, steps: int = STEPS, ablation: bool = False) -> None:
+def train(
+    work: Path, out: Path, steps: int = STEPS, budget: float | None = None, ablation: bool = False
+) -> None:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     started = time.time()
@@ -331,7 +334,8 @@ def train(work: Path, out: Path, steps: int = STEPS, ablation: bool = False) -> 
     start = load_checkpoint(ckpt, {"adapter": adapter}, opt, ema) if ckpt.exists() else 0
     spent = json.loads(clock.read_text())["seconds"] if start and clock.exists() else 0.0
     n = len(data["meta"])
-    for step in range(start, steps):
+    plan = StepPlan(steps, budget)
+    for step in plan.run(start):
         rng = random.Random(SEED * 1_000_003 + step)
         g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
         index = torch.randint(0, n, (BATCH,), generator=g)
@@ -355,7 +359,7 @@ def train(work: Path, out: Path, steps: int = STEPS, ablation: bool = False) -> 
         with torch.no_grad():
             context = text_encoder(ids.to(device)).last_hidden_state
         for group in opt.param_groups:
-            group["lr"] = warmup_lr(step, LR, 100) * cosine_decay(step, steps)
+            group["lr"] = warmup_lr(step, LR, 100) * cosine_decay(step, plan.total)
         loss = loss_on_batch(
             unet,
             alphas,
@@ -371,11 +375,18 @@ def train(work: Path, out: Path, steps: int = STEPS, ablation: bool = False) -> 
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
         opt.step()
         ema.update(adapter)
-        if step % 50 == 0 or step == steps - 1:
-            log(name, step, steps, loss=loss.item(), s_per_step=(time.time() - started) / (step - start + 1))
+        if step % 50 == 0 or step == plan.total - 1:
+            log(
+                name,
+                step,
+                plan.total,
+                loss=loss.item(),
+                s_per_step=(time.time() - started) / (step - start + 1),
+            )
         if (step + 1) % 250 == 0:
             save_checkpoint(ckpt, {"adapter": adapter}, opt, step + 1, ema)
             clock.write_text(json.dumps({"seconds": spent + time.time() - started}))
+    steps = plan.total
     save_checkpoint(ckpt, {"adapter": adapter}, opt, steps, ema)
     seconds = spent + time.time() - started
     clock.write_text(json.dumps({"seconds": seconds}))

@@ -19,6 +19,7 @@ import torch
 
 from .common import (
     EMA,
+    StepPlan,
     cosine_decay,
     images_to_tensor,
     load_checkpoint,
@@ -115,7 +116,7 @@ def loss_on_batch(
     return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
-def train(work: Path, out: Path, steps: int = STEPS) -> None:
+def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -144,7 +145,8 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
     start = load_checkpoint(ckpt, modules, opt, ema) if ckpt.exists() else 0
     unet.train()
     text_encoder.train()
-    for step in range(start, steps):
+    plan = StepPlan(steps, budget)
+    for step in plan.run(start):
         g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
         index = torch.randint(0, len(ids_all), (BATCH,), generator=g)
         z0 = (data["mean"][index] + data["std"][index] * torch.randn(BATCH, 4, 8, 8, generator=g)) * scale
@@ -153,7 +155,7 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (BATCH,), generator=g)
         z0, ids, noise, t = z0.to(device), ids.to(device), noise.to(device), t.to(device)
-        decay = cosine_decay(step, steps)
+        decay = cosine_decay(step, plan.total)
         for group, base in zip(opt.param_groups, (LR, TEXT_LR), strict=True):
             group["lr"] = warmup_lr(step, base, 200) * decay
         loss = loss_on_batch(unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t)
@@ -162,10 +164,11 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
         opt.step()
         ema.update(torch.nn.ModuleDict(modules))
-        if step % 50 == 0 or step == steps - 1:
-            log("sd", step, steps, loss=loss.item())
+        if step % 50 == 0 or step == plan.total - 1:
+            log("sd", step, plan.total, loss=loss.item())
         if (step + 1) % 250 == 0:
             save_checkpoint(ckpt, modules, opt, step + 1, ema)
+    steps = plan.total
     save_checkpoint(ckpt, modules, opt, steps, ema)
     ema.copy_to(torch.nn.ModuleDict(modules))
     export(out, vae, text_encoder, tokenizer, unet)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .common import (
     EMA,
+    StepPlan,
     batch_rng,
     cosine_decay,
     load_checkpoint,
@@ -229,7 +230,7 @@ def build_pipeline(transformer, vae, text_encoder, text_encoder_2, tokenizer):
 # --------------------------------------------------------------------------- training
 
 
-def train(work: Path, out: Path, steps: int = STEPS) -> None:
+def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None) -> None:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -273,7 +274,8 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
     collapse_padding(transformer)
     transformer.train()
     tick, ticked = time.time(), 0
-    for step in range(start, steps):
+    plan = StepPlan(steps, budget)
+    for step in plan.run(start):
         g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
         index = torch.randint(0, len(caption_rows), (BATCH,), generator=g)
         z0 = (
@@ -284,7 +286,7 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         noise = torch.randn(z0.shape, generator=g)
         t = torch.sigmoid(torch.randn(BATCH, generator=g) * LOGIT_STD + LOGIT_MEAN)
         rows = rows.to(device)
-        decay = cosine_decay(step, steps)
+        decay = cosine_decay(step, plan.total)
         for group in opt.param_groups:
             group["lr"] = warmup_lr(step, LR, WARMUP) * decay
         loss = loss_on_batch(
@@ -296,12 +298,13 @@ def train(work: Path, out: Path, steps: int = STEPS) -> None:
         opt.step()
         ema.update(transformer)
         ticked += 1
-        if step % 50 == 0 or step == steps - 1:
-            log("sd3", step, steps, loss=loss.item(), s_per_step=(time.time() - tick) / ticked)
+        if step % 50 == 0 or step == plan.total - 1:
+            log("sd3", step, plan.total, loss=loss.item(), s_per_step=(time.time() - tick) / ticked)
             tick, ticked = time.time(), 0
         if (step + 1) % 250 == 0:
             save_checkpoint(ckpt, modules, opt, step + 1, ema)
             clock.write_text(json.dumps({"seconds": spent + time.time() - started}))
+    steps = plan.total
     save_checkpoint(ckpt, modules, opt, steps, ema)
     seconds = spent + time.time() - started
     clock.write_text(json.dumps({"seconds": seconds}))
