@@ -1,4 +1,4 @@
-"""Toy GenEval and toy-CLIP FID against guidance, for toy-sd and (when trained) toy-sd3.
+"""Toy GenEval and toy-CLIP FID against guidance, for toy-sd and toy-sd3.
 
     python bench/bench_evaluation.py [--guidance 1 3 5 7 9] [--samples 27] [--per-category 12]
                                      [--plot bench/evaluation_guidance.png]
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
     "toy-sd": ROOT / "assets" / "models" / "toy-sd",
-    "toy-sd3": ROOT / "runs" / "toyworld" / "out" / "toy-sd3",
+    "toy-sd3": ROOT / "assets" / "models" / "toy-sd3",
 }
 
 
