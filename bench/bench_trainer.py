@@ -15,8 +15,9 @@ LR 2e-3, 4 instance (+ 4 class) pictures a step. Prior preservation's class set 
 regularisation set: "a shape" and 60 captions of the world's own caption distribution (none
 in the toy GenEval set), 120 pictures the base model made of them, since one class prompt
 shows only single shapes and lets two-object, relation and counting scenes drift. For
-contrast: the same with the single class "a shape", without prior preservation, and a wide
-LoRA (attention, feed-forward, proj and resnet convs) with the regularisation set.
+contrast: the same with the UNet alone (text encoder frozen), with the single class
+"a shape", without prior preservation, and a wide LoRA (attention, feed-forward, proj and
+resnet convs) with the regularisation set.
 Textual Inversion: one new word <sks> from "shape", LR 5e-3. Pivotal tuning: the K/V LoRA
 with prior preservation (text encoder frozen) trained on "a <sks> shape" on top of it.
 
@@ -204,6 +205,10 @@ def main() -> None:
     with_text = dict(train_text_encoder=True)
     runs = {
         "lora_dreambooth_prior": TrainingSettings(**common, **lora, **prior, **with_text, name="star-prior"),
+        # the UNet alone (diffusers' DreamBooth-LoRA default): no text-encoder drift to preserve against
+        "lora_dreambooth_prior_unet_only": TrainingSettings(
+            **common, **lora, **prior, name="star-prior-unet"
+        ),
         "lora_dreambooth_one_class_prompt": TrainingSettings(
             **common, **lora, **one_class, **with_text, name="star-one-class"
         ),
