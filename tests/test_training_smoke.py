@@ -347,3 +347,13 @@ def test_a_time_budget_fits_the_step_count_to_the_measured_pace(monkeypatch):
     assert plan.total == len(seen) == 200 and seen == list(range(200))
     fixed = common.StepPlan(30)
     assert list(fixed.run(10)) == list(range(10, 30)) and fixed.total == 30
+
+
+def test_a_time_budget_for_a_fixed_step_stage_is_refused(tmp_path, capsys):
+    from studio.toyworld.train.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["clip", "--minutes", "1", "--work", str(tmp_path), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "the clip stage trains a fixed number of steps" in capsys.readouterr().err
+    assert not (tmp_path / "toy-clip").exists()

@@ -9,6 +9,7 @@ as many steps as fit in a wall-clock budget (sd, ip2p, sd3, controlnet, ip_adapt
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
         "--minutes",
         type=float,
         default=None,
-        help="train as many steps as fit in this many minutes (--steps, if given, caps them)",
+        help="train as many steps as fit in this many minutes (--steps, if given, caps them); "
+        "with `all`, the stages that take a budget do (clip and vae keep their step counts)",
     )
     parser.add_argument("--batch", type=int, default=None, help="override the stage's batch size")
     parser.add_argument("--force", action="store_true", help="retrain stages whose folder exists")
@@ -53,8 +55,10 @@ def main(argv=None) -> int:
         module = __import__(f"studio.toyworld.train.{stage}", fromlist=["train"])
         started = time.time()
         kwargs = {"steps": args.steps} if args.steps else {}
-        if args.minutes and stage not in ("clip", "vae"):
+        if args.minutes and "budget" in inspect.signature(module.train).parameters:
             kwargs = {"steps": args.steps or 10**9, "budget": args.minutes * 60}
+        elif args.minutes and args.stage != "all":
+            parser.error(f"--minutes: the {stage} stage trains a fixed number of steps (use --steps)")
         if args.batch:
             module.BATCH = args.batch
         if args.ablation:
