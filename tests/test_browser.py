@@ -73,6 +73,27 @@ def open_app(page, url: str) -> None:
     page.wait_for_selector("#t2i-prompt textarea")
 
 
+def open_in_gallery(page, item_id: int, prompt: str):
+    """Select the Gallery tab and click the picture's thumbnail until its record shows; returns
+    the tab's panel. Selecting the tab reloads its page of thumbnails, and a reload that lands
+    after the click drops the selection (seen under load), so the click is repeated then."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.get_by_role("tab", name="Gallery").click()
+    panel = page.locator("[role=tabpanel]:visible")
+    thumb = panel.locator(f'button.thumbnail-item img[alt="#{item_id} {prompt}"]')
+    record = panel.get_by_text(f'"{prompt}"', exact=True).first
+    for _ in range(4):
+        thumb.click()
+        try:
+            record.wait_for(timeout=15_000)
+            return panel
+        except PlaywrightTimeout:
+            continue
+    record.wait_for()
+    return panel
+
+
 def prompt_box(page):
     return page.locator("#t2i-prompt textarea")
 
@@ -116,11 +137,7 @@ def test_generate_then_find_it_in_the_gallery(page, app, tmp_path, capfd):
     page.screenshot(path=str(shot), full_page=True)
     shutil.copyfile(shot, "/tmp/e2e-txt2img.png")
 
-    page.get_by_role("tab", name="Gallery").click()
-    panel = page.locator("[role=tabpanel]:visible")
-    thumb = panel.locator(f'button.thumbnail-item img[alt="#{item.id} {PROMPT}"]')
-    thumb.wait_for()
-    thumb.click()
+    panel = open_in_gallery(page, item.id, PROMPT)
     # The settings view (a JSON block labelled "Settings") shows the clicked image's record.
     settings_view = panel.locator(".block").filter(has=page.get_by_text("Settings", exact=True))
     settings_view.get_by_text(f'"{PROMPT}"', exact=True).first.wait_for()
@@ -352,12 +369,7 @@ def test_gallery_send_to_editing_loads_the_picture(page, app, tiny_sd, capfd):
         picture, technique="txt2img", model="toy-sd", prompt="a green field to send", seed=1, settings={}
     )
     open_app(page, app.url)
-    page.get_by_role("tab", name="Gallery").click()
-    panel = page.locator("[role=tabpanel]:visible")
-    thumb = panel.locator(f'button.thumbnail-item img[alt="#{item.id} a green field to send"]')
-    thumb.wait_for()
-    thumb.click()
-    panel.get_by_text('"a green field to send"', exact=True).first.wait_for()
+    open_in_gallery(page, item.id, "a green field to send")
     page.get_by_role("button", name="Send to editing").click()
 
     # The app switches to the Editing tab, whose input is now the gallery picture.
@@ -631,12 +643,7 @@ def test_gallery_pictures_sent_to_evaluation_are_scored(page, app, capfd):
     ]
     open_app(page, app.url)
     for item in items:  # each "Send to evaluation" adds its picture's id
-        page.get_by_role("tab", name="Gallery").click()
-        panel = page.locator("[role=tabpanel]:visible")
-        thumb = panel.locator(f'button.thumbnail-item img[alt="#{item.id} {item.prompt}"]')
-        thumb.wait_for()
-        thumb.click()
-        panel.get_by_text(f'"{item.prompt}"', exact=True).first.wait_for()
+        open_in_gallery(page, item.id, item.prompt)
         page.get_by_role("button", name="Send to evaluation").click()
         page.wait_for_function(
             "(id) => (document.querySelector('#eval-gallery-ids textarea, #eval-gallery-ids input')"
