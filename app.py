@@ -24,7 +24,7 @@ from tabs import ip_adapter as ip_adapter_tab
 from tabs import p2p as p2p_tab
 from tabs import trainer as trainer_tab
 from tabs import txt2img as txt2img_tab
-from tabs.common import TAB_IDS, bus_message, make_bus
+from tabs.common import TAB_IDS, bus_message, make_bus, tab_switch
 from tabs.launch import launch_options
 
 TITLE = "Latent Studio"
@@ -36,7 +36,12 @@ def build_app(studio: Studio) -> gr.Blocks:
             f"# {TITLE}\nText-to-image, editing, control and training — on the toy world or your own GPU."
         )
         bus = make_bus()
+        routed = gr.State(None)  # the nonce of the last bus message that switched tabs
         with gr.Tabs() as tabs:
+            # registered before the tabs' own bus listeners, so the switch is not last in line
+            bus.message.change(
+                tab_switch, [bus.message, routed], [tabs, routed], queue=False, api_visibility="private"
+            )
             with gr.Tab("txt2img", id="txt2img"):
                 txt2img_tab.build(studio, bus)
             with gr.Tab("Editing", id="editing"):
@@ -63,11 +68,6 @@ def build_app(studio: Studio) -> gr.Blocks:
                     ],
                 )
 
-        def route(message):
-            target = (message or {}).get("target")
-            return gr.Tabs(selected=target) if target else gr.Tabs()
-
-        bus.message.change(route, bus.message, tabs, api_visibility="private")
         gallery_ui.refresh_on(gallery.select)
 
         def open_link(request: gr.Request):

@@ -44,6 +44,20 @@ def make_bus() -> Bus:
     return Bus(message=gr.JSON(visible=False, value=None))
 
 
+def tab_switch(message: dict | None, routed: int | None) -> tuple[gr.Tabs, int | None]:
+    """The app's tab switch for a bus message, and the nonce now routed.
+
+    The browser can deliver one message's change event twice (a message that lands while the
+    previous one's listeners are still being called is read again by the rest of them), the
+    second time seconds later. Switching again then would pull the user back from a tab they
+    picked meanwhile, so a message whose nonce was already routed changes nothing."""
+    target = (message or {}).get("target")
+    nonce = (message or {}).get("nonce")
+    if not target or nonce == routed:
+        return gr.Tabs(), routed
+    return gr.Tabs(selected=target), nonce
+
+
 def user_errors(fn):
     """Show a user's mistake as gr.Error (one clear sentence), never as a traceback."""
     from studio.gallery import GalleryError

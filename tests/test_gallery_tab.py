@@ -17,7 +17,7 @@ from PIL import Image
 from studio import pngmeta
 from studio.service import Paths, Studio
 from tabs import gallery as gallery_tab
-from tabs.common import make_bus
+from tabs.common import bus_message, make_bus, tab_switch
 from tabs.launch import launch_options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -271,3 +271,17 @@ def test_restore_and_send_messages(env):
 def test_module_imports_no_torch():
     code = "import sys, tabs.gallery; bad = {'torch', 'diffusers'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
+
+
+def test_a_send_to_switches_tabs_once_even_when_its_change_event_comes_twice():
+    message = bus_message("evaluation", image_id=7)
+    update, routed = tab_switch(message, None)
+    assert update.selected == "evaluation" and routed == message["nonce"]
+    # the user picks another tab, then the same message's change event arrives again
+    update, routed = tab_switch(message, routed)
+    assert update.selected is None and routed == message["nonce"]
+    # a new message (even to the same tab) switches again; no message switches nothing
+    update, routed = tab_switch(bus_message("evaluation", image_id=7), routed)
+    assert update.selected == "evaluation" and routed == message["nonce"] + 1
+    update, _ = tab_switch(None, routed)
+    assert update.selected is None
