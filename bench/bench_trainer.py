@@ -2,7 +2,7 @@
 Textual Inversion, LoRA size and fusing, all through the studio's trainer.
 
     python bench/bench_trainer.py [--steps 1500] [--samples 64] [--per-category 16] [--geneval-samples 4]
-                                  [--runs NAME,...] [--out runs/bench_trainer]
+                                  [--prior-weight 1.0] [--runs NAME,...] [--out runs/bench_trainer]
 
 The base models never saw a star (../shared/toyworld.md). Five rendered large stars, one on
 the left, right, top, bottom and one anywhere, captioned "a sks shape <position>" (each drawn
@@ -151,6 +151,9 @@ def main() -> None:
     parser.add_argument(
         "--class-captions", type=int, default=60, help="world captions in the regularisation set"
     )
+    parser.add_argument(
+        "--prior-weight", type=float, default=1.0, help="λ of the prior-preservation loss (Ruiz et al. eq. 2)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_trainer"))
     parser.add_argument("--runs", default="", help="comma-separated run names (default: all)")
     args = parser.parse_args()
@@ -200,8 +203,19 @@ def main() -> None:
         method="lora", steps=args.steps, learning_rate=2e-3, rank=16, alpha=16, targets=KV_TARGETS, **every
     )
     class_prompts = "\n".join(("a shape", *world_captions(args.class_captions, args.per_category)))
-    prior = dict(prior_preservation=True, class_prompt=class_prompts, class_images=2 * args.class_captions)
-    one_class = dict(prior_preservation=True, class_prompt="a shape", class_images=2 * args.class_captions)
+    weight = args.prior_weight
+    prior = dict(
+        prior_preservation=True,
+        prior_weight=weight,
+        class_prompt=class_prompts,
+        class_images=2 * args.class_captions,
+    )
+    one_class = dict(
+        prior_preservation=True,
+        prior_weight=weight,
+        class_prompt="a shape",
+        class_images=2 * args.class_captions,
+    )
     with_text = dict(train_text_encoder=True)
     runs = {
         "lora_dreambooth_prior": TrainingSettings(**common, **lora, **prior, **with_text, name="star-prior"),
