@@ -24,7 +24,7 @@ from tabs import ip_adapter as ip_adapter_tab
 from tabs import p2p as p2p_tab
 from tabs import trainer as trainer_tab
 from tabs import txt2img as txt2img_tab
-from tabs.common import TAB_IDS, bus_message, make_bus, tab_switch
+from tabs.common import TAB_IDS, bus_message, make_bus, on_message, tab_switch
 from tabs.launch import launch_options
 
 TITLE = "Latent Studio"
@@ -39,9 +39,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         routed = gr.State(None)  # the nonce of the last bus message that switched tabs
         with gr.Tabs() as tabs:
             # registered before the tabs' own bus listeners, so the switch is not last in line
-            bus.message.change(
-                tab_switch, [bus.message, routed], [tabs, routed], queue=False, api_visibility="private"
-            )
+            on_message(bus, tab_switch, [tabs], seen=routed, queue=False)
             with gr.Tab("txt2img", id="txt2img"):
                 txt2img_tab.build(studio, bus)
             with gr.Tab("Editing", id="editing"):

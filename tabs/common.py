@@ -44,18 +44,52 @@ def make_bus() -> Bus:
     return Bus(message=gr.JSON(visible=False, value=None))
 
 
-def tab_switch(message: dict | None, routed: int | None) -> tuple[gr.Tabs, int | None]:
-    """The app's tab switch for a bus message, and the nonce now routed.
-
-    The browser can deliver one message's change event twice (a message that lands while the
-    previous one's listeners are still being called is read again by the rest of them), the
-    second time seconds later. Switching again then would pull the user back from a tab they
-    picked meanwhile, so a message whose nonce was already routed changes nothing."""
+def tab_switch(message: dict | None) -> gr.Tabs:
+    """The app's tab switch: the tab a bus message is for (register it with `on_message`)."""
     target = (message or {}).get("target")
-    nonce = (message or {}).get("nonce")
-    if not target or nonce == routed:
-        return gr.Tabs(), routed
-    return gr.Tabs(selected=target), nonce
+    return gr.Tabs(selected=target) if target else gr.skip()
+
+
+def once_per_message(fn, outputs: list, seen: gr.State):
+    """`fn(message, *inputs)` (its outputs' updates: a dict keyed by component, values in
+    `outputs` order, or gr.skip()) run at most once per bus message.
+
+    The browser can deliver one message's change event twice: a message that lands while the
+    previous one's listeners are still being called is read again by the rest of them, the
+    second time seconds later. A second run would overwrite a form the user edited meanwhile,
+    or switch back from a tab they picked, so the wrapped function remembers the nonce it
+    handled in `seen` (its last output) and does nothing for a nonce already handled."""
+
+    def handle(message, handled, *inputs):
+        nonce = (message or {}).get("nonce")
+        if nonce is None or nonce == handled:
+            return gr.skip()
+        result = fn(message, *inputs)
+        if result == gr.skip():
+            updates = {}
+        elif isinstance(result, dict):
+            updates = result
+        elif isinstance(result, (list, tuple)):
+            updates = dict(zip(outputs, result, strict=True))
+        else:
+            updates = {outputs[0]: result}
+        return {**updates, seen: nonce}
+
+    return handle
+
+
+def on_message(bus: Bus, fn, outputs: list, inputs: tuple = (), seen: gr.State | None = None, **event):
+    """Listen to the settings bus with `fn(message, *inputs)`, once per message (see
+    `once_per_message`). `seen` is created here unless given: call this inside a tab, never as a
+    direct child of `gr.Tabs` (a State there breaks the tab bar)."""
+    seen = gr.State(None) if seen is None else seen
+    bus.message.change(
+        once_per_message(fn, outputs, seen),
+        [bus.message, seen, *inputs],
+        [*outputs, seen],
+        api_visibility="private",
+        **event,
+    )
 
 
 def user_errors(fn):

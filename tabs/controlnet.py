@@ -51,6 +51,7 @@ from .common import (
     SessionRuns,
     api_only,
     on_gpu,
+    on_message,
     user_errors,
     user_errors_gen,
     whole,
@@ -749,12 +750,7 @@ def build(studio, bus: Bus) -> ControlNetTab:
         # a preset is for any picture: it names no stored map
         for_preset=lambda s: s.replace(units=tuple(replace(u, map_id=None) for u in s.units)),
     )
-    bus.message.change(
-        from_bus,
-        bus.message,
-        [*form_outputs, *(unit.image for unit in units)],
-        api_visibility="private",
-    )
+    on_message(bus, from_bus, [*form_outputs, *(unit.image for unit in units)])
 
     api_only(api_controlnet, "controlnet", files=("many",))
     return ControlNetTab(fields=fields, units=units, generate=generate, images=images, info=info)

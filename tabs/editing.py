@@ -36,6 +36,7 @@ from .common import (
     SessionRuns,
     api_only,
     on_gpu,
+    on_message,
     user_errors,
     user_errors_gen,
     whole,
@@ -506,9 +507,7 @@ def build(studio, bus: Bus) -> EditingTab:
         to_form=to_form,
         for_preset=lambda s: s.replace(source_id=None),  # a preset is for any picture
     )
-    bus.message.change(
-        from_bus, bus.message, [*field_list, mode, input_image, source_id], api_visibility="private"
-    )
+    on_message(bus, from_bus, [*field_list, mode, input_image, source_id])
 
     api_only(api_endpoint(SDEditSettings, studio.sdedit), "sdedit", files=("one",))
     api_only(api_endpoint(InstructPix2PixSettings, studio.ip2p), "ip2p", files=("one",))

@@ -31,7 +31,7 @@ from studio.models import PIPELINES
 from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 
-from .common import Bus, api_only, progress_bar, row_id, table_value, user_errors, whole
+from .common import Bus, api_only, on_message, progress_bar, row_id, table_value, user_errors, whole
 from .txt2img import MODEL_DEFAULT
 
 AXIS_EXAMPLES = {
@@ -518,7 +518,7 @@ def build(studio, bus: Bus) -> EvaluationTab:
     jobs.select(follow_job, None, [watched, shown, timer], **private)
     past.select(pick_evaluation, None, [plots, table, notes, picked, status, progress], **private)
     load_settings.click(load_picked, picked, field_list, **private)
-    bus.message.change(from_bus, [bus.message, gallery_box], field_list, **private)
+    on_message(bus, from_bus, field_list, inputs=(gallery_box,), concurrency_limit=None)
 
     api_only(api_evaluate, "evaluate")
     return EvaluationTab(fields=fields, start=start, cancel=cancel, status=status, plots=plots, table=table)

@@ -39,6 +39,7 @@ from .common import (
     SessionRuns,
     api_only,
     on_gpu,
+    on_message,
     share_link,
     user_errors,
     user_errors_gen,
@@ -515,7 +516,7 @@ def build(studio, bus: Bus) -> IPAdapterTab:
     )
     stop.click(runs.cancel, None, None, queue=False, **private)
     link_button.click(make_link, run_inputs, link, preprocess=False, **private)
-    bus.message.change(from_bus, bus.message, form_outputs, **private)
+    on_message(bus, from_bus, form_outputs)
 
     api_only(api_ip_adapter, "ip_adapter", files=("many", "many"))
     api_only(api_instantid, "instantid", files=("one",))

@@ -36,6 +36,7 @@ from .common import (
     SessionRuns,
     api_only,
     on_gpu,
+    on_message,
     user_errors,
     user_errors_gen,
     whole,
@@ -345,7 +346,7 @@ def build(studio, bus: Bus) -> P2PTab:
     )
     stop.click(runs.cancel, None, None, queue=False, api_visibility="private")
     sharing.wire(inputs=form, outputs=field_list, settings_of=to_settings, to_form=to_form)
-    bus.message.change(from_bus, bus.message, field_list, api_visibility="private")
+    on_message(bus, from_bus, field_list)
 
     api_only(api_p2p, "p2p")
     return P2PTab(

@@ -32,7 +32,7 @@ from studio.training.settings import (
     TrainingSettings,
 )
 
-from .common import Bus, api_only, progress_bar, row_id, table_value, user_errors, whole
+from .common import Bus, api_only, on_message, progress_bar, row_id, table_value, user_errors, whole
 
 POLL_SECONDS = 1.0
 JOBS_SHOWN = 10
@@ -392,7 +392,7 @@ def build(studio, bus: Bus) -> TrainerTab:
         **private,
     )
     jobs.select(follow_job, None, [watched, shown, timer, *field_list], **private)
-    bus.message.change(from_bus, bus.message, field_list, **private)
+    on_message(bus, from_bus, field_list, concurrency_limit=None)
 
     api_only(api_train, "train", pictures=False)
     return TrainerTab(fields=fields, start=start, cancel=cancel, resume=resume, status=status)

@@ -14,7 +14,7 @@ from studio.schedulers import scheduler_names
 from studio.settings import SettingsError
 from studio.txt2img import Txt2ImgSettings, model_defaults
 
-from .common import GPU_LANE, Bus, SessionRuns, on_gpu, user_errors, user_errors_gen, whole
+from .common import GPU_LANE, Bus, SessionRuns, on_gpu, on_message, user_errors, user_errors_gen, whole
 from .sharing import sharing_rows
 
 MODEL_DEFAULT = "(model default)"
@@ -309,7 +309,7 @@ def build(studio, bus: Bus) -> Txt2ImgTab:
     )
     stop.click(runs.cancel, None, None, queue=False, api_visibility="private")
     sharing.wire(inputs=form, outputs=list(fields.values()), settings_of=to_settings, to_form=to_form)
-    bus.message.change(from_bus, bus.message, list(fields.values()), api_visibility="private")
+    on_message(bus, from_bus, list(fields.values()))
 
     api_in = gr.JSON(visible=False)
     api_images = gr.Gallery(visible=False, format="png")

@@ -17,7 +17,7 @@ from PIL import Image
 from studio import pngmeta
 from studio.service import Paths, Studio
 from tabs import gallery as gallery_tab
-from tabs.common import bus_message, make_bus, tab_switch
+from tabs.common import bus_message, make_bus, once_per_message, tab_switch
 from tabs.launch import launch_options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -274,14 +274,32 @@ def test_module_imports_no_torch():
 
 
 def test_a_send_to_switches_tabs_once_even_when_its_change_event_comes_twice():
+    switch = once_per_message(tab_switch, ["tabs"], "routed")
     message = bus_message("evaluation", image_id=7)
-    update, routed = tab_switch(message, None)
-    assert update.selected == "evaluation" and routed == message["nonce"]
+    first = switch(message, None)
+    assert first["tabs"].selected == "evaluation" and first["routed"] == message["nonce"]
     # the user picks another tab, then the same message's change event arrives again
-    update, routed = tab_switch(message, routed)
-    assert update.selected is None and routed == message["nonce"]
+    assert switch(message, first["routed"]) == gr.skip()
     # a new message (even to the same tab) switches again; no message switches nothing
-    update, routed = tab_switch(bus_message("evaluation", image_id=7), routed)
-    assert update.selected == "evaluation" and routed == message["nonce"] + 1
-    update, _ = tab_switch(None, routed)
-    assert update.selected is None
+    again = switch(bus_message("evaluation", image_id=7), first["routed"])
+    assert again["tabs"].selected == "evaluation" and again["routed"] == message["nonce"] + 1
+    assert switch(None, again["routed"]) == gr.skip()
+    assert switch(bus_message(None), again["routed"]) == {"routed": message["nonce"] + 2}
+
+
+def test_a_tab_fills_its_form_once_per_message_so_an_edit_made_meanwhile_stays():
+    def from_bus(message, known):
+        if message["target"] != "txt2img":
+            return gr.skip()
+        return {"prompt": message["settings"]["prompt"], "known": known}
+
+    fill = once_per_message(from_bus, ["prompt", "known"], "seen")
+    message = bus_message("txt2img", {"prompt": "a red circle"})
+    filled = fill(message, None, "typed")
+    assert filled == {"prompt": "a red circle", "known": "typed", "seen": message["nonce"]}
+    assert fill(message, filled["seen"], "typed") == gr.skip()  # the doubled event: the edit stays
+    other = bus_message("gallery")
+    assert fill(other, filled["seen"], "typed") == {"seen": other["nonce"]}
+    # values in the outputs' order work as well as a dict
+    listed = once_per_message(lambda m: ["a", "b"], ["prompt", "known"], "seen")
+    assert listed(bus_message("txt2img"), None) == {"prompt": "a", "known": "b", "seen": message["nonce"] + 2}
