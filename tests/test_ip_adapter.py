@@ -67,6 +67,25 @@ def test_scale_zero_is_the_base_model_and_the_reference_steers(manager, tiny_sd,
     assert np.array_equal(pixels(red.figures["reference 1"]), pixels(RED))
 
 
+def test_the_evaluator_gives_each_case_its_own_reference_only(manager, tiny_sd, tiny_ip_adapter):
+    """A case's picture is the same whatever other cases run beside it: diffusers repeats
+    `ip_adapter_image_embeds` for every prompt of a call, so a batched call put all the
+    batch's references into every picture (the bug that hid a working toy adapter)."""
+    from studio.toyworld.ip_adapter_eval import generate_with_references
+
+    def generate(references, seeds):
+        prompts = [PROMPT] * len(references)
+        return generate_with_references(
+            manager, str(tiny_sd), str(tiny_ip_adapter), prompts, references, seeds, scale=1.0, steps=3
+        )
+
+    red_alone, blue_alone = generate([RED], [3]), generate([BLUE], [3])
+    red, blue = generate([RED, BLUE], [3, 3])
+    assert np.array_equal(pixels(red), pixels(red_alone[0]))
+    assert np.array_equal(pixels(blue), pixels(blue_alone[0]))
+    assert not np.array_equal(pixels(red), pixels(blue))
+
+
 def test_the_unet_is_put_back_exactly(tiny_sd, tiny_ip_adapter):
     """txt2img after an IP-Adapter run is bit-identical to a manager that never ran one."""
     used, fresh = ModelManager(device="cpu"), ModelManager(device="cpu")

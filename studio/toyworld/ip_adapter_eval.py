@@ -75,7 +75,11 @@ def generate_with_references(
     guidance: float = 4.0,
     concatenated: bool = False,
 ) -> list:
-    """One batched pipeline call: prompt i with reference picture i (its own image embedding)."""
+    """Prompt i with reference picture i, one pipeline call each, as the studio's IP-Adapter
+    run makes it (the pipeline embeds the reference; guidance's unconditional branch gets a zero
+    embedding). Not one batched call: diffusers repeats `ip_adapter_image_embeds` for every
+    prompt of a call, so a batch of references would put ALL of them into every picture's
+    image attention, and every picture would take the batch's mixed colour."""
     import torch
 
     from ..schedulers import make_scheduler
@@ -88,21 +92,18 @@ def generate_with_references(
         spec = manager.resolve(model)
         pipe.scheduler = make_scheduler(spec.defaults.get("scheduler", "DDIM"), "sd", pipe.scheduler.config)
         pipe.set_ip_adapter_scale(scale)
-        encoder = pipe.image_encoder
-        with torch.no_grad():
-            pixels = pipe.feature_extractor(list(references), return_tensors="pt").pixel_values
-            embeds = encoder(pixels.to(encoder.device, encoder.dtype)).image_embeds[:, None]
-        if guidance > 1:
-            embeds = torch.cat([torch.zeros_like(embeds), embeds])
-        return pipe(
-            list(prompts),
-            ip_adapter_image_embeds=[embeds],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            width=64,
-            height=64,
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-        ).images
+        images = []
+        for prompt, reference, seed in zip(prompts, references, seeds, strict=True):
+            images += pipe(
+                prompt,
+                ip_adapter_image=reference,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=64,
+                height=64,
+                generator=torch.Generator("cpu").manual_seed(seed),
+            ).images
+        return images
 
 
 def reference_score(
@@ -112,27 +113,23 @@ def reference_score(
     n: int = 100,
     *,
     scale: float = 1.0,
-    batch: int = 20,
     concatenated: bool = False,
     **kwargs,
 ) -> dict:
     """Shape + colour, position and joint rates over `n` held-out cases."""
-    rows = []
     all_cases = cases(n)
-    for start in range(0, n, batch):
-        chunk = all_cases[start : start + batch]
-        images = generate_with_references(
-            manager,
-            model,
-            adapter,
-            [c.prompt for c in chunk],
-            [render(c.reference) for c in chunk],
-            range(start, start + len(chunk)),
-            scale=scale,
-            concatenated=concatenated,
-            **kwargs,
-        )
-        rows += [judge_case(img, c) for img, c in zip(images, chunk, strict=True)]
+    images = generate_with_references(
+        manager,
+        model,
+        adapter,
+        [c.prompt for c in all_cases],
+        [render(c.reference) for c in all_cases],
+        range(n),
+        scale=scale,
+        concatenated=concatenated,
+        **kwargs,
+    )
+    rows = [judge_case(img, c) for img, c in zip(images, all_cases, strict=True)]
     return summary(rows)
 
 
