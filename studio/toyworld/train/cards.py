@@ -19,7 +19,7 @@ def hardware() -> str:
 def write_card(folder: Path, title: str, summary: str, facts: dict, scores: dict) -> None:
     lines = [f"# {title}", "", summary, "", "## Training", ""]
     lines += [f"- {k}: {v}" for k, v in facts.items()]
-    lines += ["", "## Scores", "", "```json", json.dumps(scores, indent=2), "```", ""]
+    lines += ["", "## Scores", "", "```json", json.dumps(scores, indent=2, ensure_ascii=False), "```", ""]
     lines += [
         "Made by `python -m studio.toyworld.train` on the world of `shared/toyworld.md`; "
         "loads with the standard diffusers / transformers `from_pretrained`.",
