@@ -15,12 +15,12 @@ layer's output, and toy-sd draws empty backgrounds (measured on 40 held-out case
 training: 20 pictures without a shape, against 5 for toy-sd alone). The projection
 starts as a least-squares map from the image embedding to the text tower's states of
 "a COLOUR SHAPE" (the tokens a, colour, shape, end), so the image tokens begin where the
-words are. Only the projection and the
-new W'_k, W'_v train (base weights frozen), on the ε-prediction loss (eq. 6) — min-SNR
-weighted, and at high noise boosted by 1/SNR (up to HIGH_NOISE_WEIGHT): a reference's colour
-and shape decide the first sampling steps, where plain ε-loss is tiny — with the
-image embedding dropped to zeros, the caption to empty, or both, each with p = 0.05 —
-zeros being what diffusers feeds the unconditional branch of guidance.
+words are. Only the projection and the new W'_k, W'_v train (base weights frozen), on the
+ε-prediction loss (eq. 6) — min-SNR weighted, and at high noise boosted by 1/SNR (up to
+HIGH_NOISE_WEIGHT): a reference's colour and shape decide the first sampling steps, where
+plain ε-loss is tiny — with the image embedding dropped to zeros, the caption to empty, or
+both, each with p = 0.05 — zeros being what diffusers feeds the unconditional branch of
+guidance.
 
 Data: single-shape scenes; the reference of a scene is a fresh render of the same shape
 and colour at another place, size and background (never the target itself), so that the
