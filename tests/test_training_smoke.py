@@ -357,3 +357,30 @@ def test_a_time_budget_for_a_fixed_step_stage_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "the clip stage trains a fixed number of steps" in capsys.readouterr().err
     assert not (tmp_path / "toy-clip").exists()
+
+
+def test_v_prediction_with_zero_terminal_snr_trains_the_last_timestep_too(monkeypatch, tokenizer, pairs):
+    """Lin et al. 2024's schedule for the sd stage (and every stage built on toy-sd): ᾱ_T = 0,
+    the target is v, which at t = T is −z_0 (the picture from pure noise), and min-SNR keeps a
+    weight of 1 there, where ε's min(SNR, γ)/SNR would be 0/0."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    monkeypatch.setattr(sd, "PREDICTION", "v_prediction")
+    monkeypatch.setattr(sd, "ZERO_TERMINAL_SNR", True)
+    scheduler = DDPMScheduler.from_config(sd.scheduler_config())
+    alphas = scheduler.alphas_cumprod
+    assert alphas[-1] == 0
+    t = torch.tensor([0, 500, 999])
+    weight = sd.min_snr_weight(scheduler, alphas, t)
+    assert torch.isfinite(weight).all() and weight[-1] == 1 and weight[0] < 0.01
+    z0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    target = sd.prediction_target(scheduler, z0, noise, t)
+    assert torch.allclose(target[2], -z0[2]) and not torch.allclose(target[0], noise[0])
+    sampler = DDIMScheduler(**sd.scheduler_config())
+    sampler.set_timesteps(25)
+    assert sampler.timesteps[0] == 999  # trailing spacing starts sampling at the zero-SNR step
+
+    run = make_run("sd", tokenizer, pairs, seed=0)
+    torch.manual_seed(1)
+    losses = [run.step() for _ in range(20)]
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses

@@ -31,7 +31,7 @@ from ..captions import sample_pair
 from ..render import CANNY_THRESHOLDS, canny_map, render, segmentation_map
 from .common import EMA, StepPlan, cosine_decay, load_checkpoint, log, pick_device, save_checkpoint, warmup_lr
 from .sd import SEED as SD_SEED
-from .sd import build_latent_dataset, scheduler_config
+from .sd import build_latent_dataset, min_snr_weight, prediction_target
 
 STEPS = 3000
 BATCH = 32
@@ -84,9 +84,9 @@ def loss_on_batch(controlnet, unet, context, alphas, noise_scheduler, z0, cond, 
         down_block_additional_residuals=down,
         mid_block_additional_residual=mid,
     ).sample
-    snr = alphas[t] / (1 - alphas[t])
-    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
-    return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    target = prediction_target(noise_scheduler, z0, noise, t)
+    weight = min_snr_weight(noise_scheduler, alphas, t, MIN_SNR_GAMMA)
+    return (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
 def train_kind(kind: str, work: Path, out: Path, steps: int = STEPS, budget: float | None = None) -> None:
@@ -104,7 +104,7 @@ def train_kind(kind: str, work: Path, out: Path, steps: int = STEPS, budget: flo
         data["captions"], padding="max_length", truncation=True, return_tensors="pt"
     ).input_ids
     empty_ids = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0]
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config())
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # toy-sd's own schedule
     alphas = noise_scheduler.alphas_cumprod.to(device)
     scale = pipe.vae.config.scaling_factor
 

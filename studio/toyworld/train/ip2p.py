@@ -30,7 +30,7 @@ from .common import (
     save_checkpoint,
     warmup_lr,
 )
-from .sd import export, loss_on_batch, scheduler_config
+from .sd import export, loss_on_batch
 
 SEED = 5
 STEPS = 8000  # at 3,000 the loss was still falling: 0.51 of held-out edits followed, at 8,000 0.78
@@ -93,7 +93,7 @@ def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None
     vae, tokenizer = base.vae.to(device).eval(), base.tokenizer
     text_encoder = base.text_encoder.to(device)
     unet = widen_unet(base.unet).to(device)
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config())
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)  # toy-sd's own schedule
     data = build_edit_dataset(vae, work / "ip2p_edits.safetensors", device)
     ids_all = tokenizer(
         data["instructions"], padding="max_length", truncation=True, return_tensors="pt"

@@ -61,7 +61,7 @@ from .common import (
     save_checkpoint,
     warmup_lr,
 )
-from .sd import MIN_SNR_GAMMA, scheduler_config
+from .sd import MIN_SNR_GAMMA, min_snr_weight, prediction_target
 
 FOLDER = "toy-ip-adapter"
 WEIGHT_NAME = "ip-adapter_toy-sd.safetensors"
@@ -298,9 +298,11 @@ def loss_on_batch(unet, alphas, noise_scheduler, z0, context, image_embeds, nois
     pred = unet(
         zt, t, encoder_hidden_states=context, added_cond_kwargs={"image_embeds": [image_embeds[:, None]]}
     ).sample
-    snr = alphas[t] / (1 - alphas[t])
-    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr * torch.clamp(1 / snr, min=1.0, max=HIGH_NOISE_WEIGHT)
-    return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    weight = min_snr_weight(noise_scheduler, alphas, t)
+    if noise_scheduler.config.prediction_type == "epsilon":  # v's loss already weighs high noise
+        weight = weight * torch.clamp((1 - alphas[t]) / alphas[t], min=1.0, max=HIGH_NOISE_WEIGHT)
+    target = prediction_target(noise_scheduler, z0, noise, t)
+    return (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
 def name_of(concatenated: bool) -> str:
@@ -320,7 +322,7 @@ def train(
     text_encoder.requires_grad_(False)
     encoder, processor = load_image_encoder(out / "toy-clip", device)
     data = build_dataset(pipe.vae, encoder, processor, work / "ip_adapter_data.safetensors", device)
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config())
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # toy-sd's own schedule
     alphas = noise_scheduler.alphas_cumprod.to(device)
     scale = pipe.vae.config.scaling_factor
 

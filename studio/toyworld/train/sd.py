@@ -7,6 +7,13 @@ Weighting Strategy", ICCV 2023, γ = 5). z_0 are the toy VAE's scaled latents, c
 once for a fixed set of renders; c is the toy CLIP text tower's last hidden state, the
 tower fine-tuned beside the UNet. Captions are dropped to the empty caption with p = 0.1
 so that classifier-free guidance (Ho & Salimans 2022) works at sampling time.
+
+Two switches change the parameterisation, and every stage built on toy-sd (ip2p,
+controlnet, ip_adapter) follows whatever schedule the toy-sd it loads was saved with:
+`PREDICTION = "v_prediction"` trains v = √ᾱ_t ε − √(1−ᾱ_t) z_0 (Salimans & Ho 2022, §4),
+whose loss weighs z_0 errors at high noise about 1/SNR times more than ε's does;
+`ZERO_TERMINAL_SNR` rescales β so that ᾱ_T = 0 and samples from trailing timesteps
+(Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", 2024, §3.1–3.3).
 """
 
 from __future__ import annotations
@@ -38,11 +45,14 @@ TEXT_LR = 1e-4
 DATASET = 40_000
 CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
+PREDICTION = "epsilon"  # or "v_prediction" (Salimans & Ho 2022, v = √ᾱ ε − √(1−ᾱ) z_0)
+ZERO_TERMINAL_SNR = False  # Lin et al. 2024: rescale β so that ᾱ_T = 0, sample from trailing timesteps
 
 
 def scheduler_config() -> dict:
-    """Stable Diffusion's own noise schedule (scaled linear 0.00085 → 0.012, no clipping)."""
-    return dict(
+    """Stable Diffusion's own noise schedule (scaled linear 0.00085 → 0.012, no clipping),
+    optionally rescaled to zero terminal SNR."""
+    config = dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -50,8 +60,28 @@ def scheduler_config() -> dict:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=PREDICTION,
     )
+    if ZERO_TERMINAL_SNR:
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return config
+
+
+def prediction_target(noise_scheduler, z0, noise, t) -> torch.Tensor:
+    """What the denoiser learns to output: ε, or v for a v-prediction schedule."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(z0, noise, t)
+    return noise
+
+
+def min_snr_weight(noise_scheduler, alphas, t, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
+    """Min-SNR-γ (Hang et al. 2023): the z_0-space weight min(SNR, γ), divided by what the
+    target's loss already weighs z_0 errors with (SNR for ε, SNR + 1 for v). For v the z_0
+    weight is min(SNR + 1, γ), so the zero-SNR step of a rescaled schedule still trains."""
+    snr = alphas[t] / (1 - alphas[t])
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return torch.clamp(snr + 1, max=gamma) / (snr + 1)
+    return torch.clamp(snr, max=gamma) / snr
 
 
 def build_unet(cross_attention_dim: int):
@@ -103,7 +133,7 @@ def build_latent_dataset(vae, path: Path, device, n: int = DATASET) -> dict:
 def loss_on_batch(
     unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t, image_latents=None
 ) -> torch.Tensor:
-    """Min-SNR-γ weighted ε-prediction loss of one batch; `alphas` = the scheduler's ᾱ on z0's device.
+    """Min-SNR-γ weighted ε- (or v-) prediction loss of one batch; `alphas` = the scheduler's ᾱ on z0's device.
 
     `image_latents` (InstructPix2Pix) are concatenated to z_t on the channel axis."""
     zt = noise_scheduler.add_noise(z0, noise, t)
@@ -111,9 +141,9 @@ def loss_on_batch(
     if image_latents is not None:
         zt = torch.cat([zt, image_latents], dim=1)
     pred = unet(zt, t, encoder_hidden_states=context).sample
-    snr = alphas[t] / (1 - alphas[t])
-    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
-    return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    target = prediction_target(noise_scheduler, z0, noise, t)
+    weight = min_snr_weight(noise_scheduler, alphas, t)
+    return (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
 def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None) -> None:
@@ -221,9 +251,11 @@ def write_sd_card(folder: Path, unet, steps: int, seconds: float | None = None) 
         {
             "data": f"{DATASET:,} fixed renders (latents precomputed with toy-vae), captions dropped to empty "
             f"with p = {CAPTION_DROPOUT}; held-out colour-shape-position combos never captioned",
-            "objective": f"ε-prediction, min-SNR-γ (γ = {MIN_SNR_GAMMA:g}), AdamW {LR:g} (text tower {TEXT_LR:g}), "
-            "200-step warm-up, cosine decay, EMA 0.999, grad clip 1.0",
-            "schedule": "SD's scaled linear β 0.00085 → 0.012",
+            "objective": f"{'v' if PREDICTION == 'v_prediction' else 'ε'}-prediction, min-SNR-γ "
+            f"(γ = {MIN_SNR_GAMMA:g}), AdamW {LR:g} (text tower {TEXT_LR:g}), 200-step warm-up, cosine decay, "
+            "EMA 0.999, grad clip 1.0",
+            "schedule": "SD's scaled linear β 0.00085 → 0.012"
+            + (", rescaled to zero terminal SNR, trailing timesteps" if ZERO_TERMINAL_SNR else ""),
             "steps": f"{steps:,} × batch {BATCH}",
             "hardware": hardware(),
             **({"time": f"{seconds:.0f} s"} if seconds else {}),
