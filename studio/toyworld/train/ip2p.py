@@ -146,7 +146,16 @@ def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None
     ema.copy_to(torch.nn.ModuleDict(modules))
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    export(out, vae, text_encoder, tokenizer, unet, StableDiffusionInstructPix2PixPipeline, FOLDER)
+    export(
+        out,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        pipeline_class=StableDiffusionInstructPix2PixPipeline,
+        folder=FOLDER,
+        scheduler=base.scheduler,
+    )
     write_ip2p_card(out / FOLDER, unet, steps)
 
 

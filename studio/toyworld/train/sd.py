@@ -206,10 +206,11 @@ def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None
 
 
 def export(
-    out: Path, vae, text_encoder, tokenizer, unet, pipeline_class=None, folder: str = "toy-sd"
+    out: Path, vae, text_encoder, tokenizer, unet, pipeline_class=None, folder: str = "toy-sd", scheduler=None
 ) -> None:
     """Save a folder that `pipeline_class.from_pretrained` loads (weights in fp16); by default
-    `StableDiffusionPipeline`, whose components InstructPix2Pix shares."""
+    `StableDiffusionPipeline`, whose components InstructPix2Pix shares. `scheduler`: the base
+    model's, for a model fine-tuned from it; by default this stage's own (`scheduler_config`)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = (pipeline_class or StableDiffusionPipeline)(
@@ -217,7 +218,7 @@ def export(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(**scheduler_config()),
+        scheduler=scheduler or DDIMScheduler(**scheduler_config()),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
