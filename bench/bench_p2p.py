@@ -1,15 +1,16 @@
 """Prompt-to-Prompt on the toy world: word swaps kept, against plain regeneration; reweighting.
 
     python bench/bench_p2p.py [--model toy-sd] [--swaps 100] [--case-seed 9100] [--seeds 8]
-                              [--plot bench/p2p_reweight.png]
+                              [--blend-thresholds 0.3 0.5] [--plot bench/p2p_reweight.png]
 
 Prints JSON: the share of shape and colour swaps ("a red circle on the left" → "a red square
 on the left") where the judge reads the new word and the source's other attribute,
 background and centre (≤ 4 px), for P2P and for txt2img of the edited prompt with the same
 seed, side by side on the same cases, at the model's default replace fractions (toy-sd's
 self-attention share was chosen on the cases of `p2p_eval.EVAL_SEED`; the default --case-seed
-draws other ones); and the pixel share of a colour against its word's
-reweighting factor (mean over seeds), drawn as a PNG.
+draws other ones), then again with local blending on the object's words at each threshold
+(0.3 is the paper's; 0.5 was chosen on the cases of `p2p_eval.EVAL_SEED`); and the pixel
+share of a colour against its word's reweighting factor (mean over seeds), drawn as a PNG.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=100)
     parser.add_argument("--case-seed", type=int, default=9100, help="draws the swap cases")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per reweighting factor")
+    parser.add_argument("--blend-thresholds", type=float, nargs="*", default=[0.3, 0.5])
     parser.add_argument("--plot", type=Path, default=Path("bench/p2p_reweight.png"))
     args = parser.parse_args()
 
@@ -47,6 +49,15 @@ def main() -> None:
     manager = ModelManager()
     started = time.perf_counter()
     report = {"word_swap": word_swap(manager, args.model, n=args.swaps, seed=args.case_seed), "reweight": {}}
+    for threshold in args.blend_thresholds:
+        report[f"word_swap local blend {threshold:g}"] = word_swap(
+            manager,
+            args.model,
+            n=args.swaps,
+            seed=args.case_seed,
+            local_blend=True,
+            blend_threshold=threshold,
+        )
     for prompt, word in REWEIGHT_PROMPTS.items():
         report["reweight"][f"{prompt} | {word}"] = reweight_sweep(
             manager, args.model, prompt, word, FACTORS, seeds=range(args.seeds)

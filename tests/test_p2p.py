@@ -213,6 +213,24 @@ def test_word_swap_keeps_the_picture_and_beats_regeneration(manager):
     report = word_swap(manager, "toy-sd", n=10)
     assert report["p2p"] >= 0.7, report
     assert report["p2p"] > report["regenerate"], report
+    blended = word_swap(manager, "toy-sd", n=10, local_blend=True, blend_threshold=0.5)
+    assert blended["p2p"] >= 0.7 and blended["p2p"] > blended["regenerate"], blended
+
+
+def test_swap_cases_blend_on_their_objects_words():
+    """A shape swap blends on the old and the new shape word, a colour swap on the shape word;
+    each word is in the prompt it belongs to, so the settings accept them."""
+    from studio.p2p import words
+    from studio.toyworld.p2p_eval import swap_cases
+
+    for case in swap_cases(6):
+        source, edited = words(case.prompt), words(case.edit_prompt)
+        if case.attribute == "shape":
+            old = next(a for a, b in zip(source, edited, strict=True) if a != b)
+            assert case.blend_words == (old, case.new) and case.new in edited, case
+        else:
+            assert case.blend_words == (case.shape,) and case.shape in source and case.shape in edited, case
+        PromptToPromptSettings(prompt=case.prompt, edit_prompt=case.edit_prompt, local_blend=case.blend_words)
 
 
 @needs_toy_sd

@@ -6,6 +6,8 @@
   background and the centre (≤ 4 px on each axis) are the source's. The same cases are
   judged for plain regeneration too: txt2img of the edited prompt with the same seed,
   against the source picture, which is what a user gets without attention control.
+  With `local_blend`, each case is blended on its object's words (Hertz et al. §3.3):
+  the old and the new shape word for a shape swap, the shape word for a colour swap.
 * `reweight_sweep`: one prompt, one colour word, its attention factor swept; the share of
   the picture's pixels nearest to that colour, averaged over seeds.
 """
@@ -32,6 +34,12 @@ class SwapCase:
     attribute: str  # "shape" or "color"
     new: str  # the swapped-in word
     seed: int
+    shape: str  # the source's shape word
+
+    @property
+    def blend_words(self) -> tuple[str, ...]:
+        """The object's words, as a user would blend on them: both shape words, or the one shape."""
+        return (self.shape, self.new) if self.attribute == "shape" else (self.shape,)
 
 
 def swap_cases(n: int, seed: int = EVAL_SEED) -> list[SwapCase]:
@@ -56,6 +64,7 @@ def swap_cases(n: int, seed: int = EVAL_SEED) -> list[SwapCase]:
                 attribute,
                 new,
                 seed + i,
+                shape,
             )
         )
     return cases
@@ -74,8 +83,11 @@ def swap_kept(source_image, edited_image, case: SwapCase) -> bool:
     return b.color == case.new and b.kind == a.kind
 
 
-def word_swap(manager, model: str, n: int = 50, seed: int = EVAL_SEED, **settings) -> dict:
-    """Share of `n` swaps that keep everything else, with P2P and with plain regeneration."""
+def word_swap(
+    manager, model: str, n: int = 50, seed: int = EVAL_SEED, local_blend: bool = False, **settings
+) -> dict:
+    """Share of `n` swaps that keep everything else, with P2P (blended on each case's
+    `blend_words` if `local_blend`) and with plain regeneration."""
     from ..p2p import PromptToPromptSettings
     from ..p2p import run as run_p2p
     from ..txt2img import Txt2ImgSettings
@@ -85,7 +97,12 @@ def word_swap(manager, model: str, n: int = 50, seed: int = EVAL_SEED, **setting
     by_attribute = {"shape": [0, 0], "color": [0, 0]}
     for case in swap_cases(n, seed):
         s = PromptToPromptSettings(
-            prompt=case.prompt, edit_prompt=case.edit_prompt, model=model, seed=case.seed, **settings
+            prompt=case.prompt,
+            edit_prompt=case.edit_prompt,
+            model=model,
+            seed=case.seed,
+            local_blend=case.blend_words if local_blend else (),
+            **settings,
         )
         result = run_p2p(s, manager)
         source, edited = result.images
