@@ -56,6 +56,7 @@ def main() -> None:
             n=args.swaps,
             seed=args.case_seed,
             local_blend=True,
+            regenerate=False,  # the same cases' regeneration is in "word_swap"
             blend_threshold=threshold,
         )
     for prompt, word in REWEIGHT_PROMPTS.items():
