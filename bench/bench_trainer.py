@@ -2,7 +2,8 @@
 Textual Inversion, LoRA size and fusing, all through the studio's trainer.
 
     python bench/bench_trainer.py [--steps 1500] [--samples 64] [--per-category 16] [--geneval-samples 4]
-                                  [--prior-weight 1.0] [--runs NAME,...] [--out runs/bench_trainer]
+                                  [--prior-weight 1.0] [--train-seeds 0 ...] [--runs NAME,...]
+                                  [--out runs/bench_trainer]
 
 The base models never saw a star (../shared/toyworld.md). Five rendered large stars, one on
 the left, right, top, bottom and one anywhere, captioned "a sks shape <position>" (each drawn
@@ -14,10 +15,12 @@ the text, as Custom Diffusion trains; Kumari et al. 2023) plus the text encoder'
 LR 2e-3, 4 instance (+ 4 class) pictures a step. Prior preservation's class set is a
 regularisation set: "a shape" and 60 captions of the world's own caption distribution (none
 in the toy GenEval set), 120 pictures the base model made of them, since one class prompt
-shows only single shapes and lets two-object, relation and counting scenes drift. For
-contrast: the same with the UNet alone (text encoder frozen), with the single class
-"a shape", without prior preservation, and a wide LoRA (attention, feed-forward, proj and
-resnet convs) with the regularisation set.
+shows only single shapes and lets two-object, relation and counting scenes drift. The class
+views regress to the frozen base model's own prediction (the trainer's default prior target,
+"base-model"); the same run with Ruiz et al.'s target, the noise that made z_t
+("class-pictures"), is beside it. For contrast: the same with the UNet alone (text encoder frozen), with the single class "a shape", without prior
+preservation, and a wide LoRA (attention, feed-forward, proj and resnet convs) with the
+regularisation set.
 Textual Inversion: one new word <sks> from "shape", LR 5e-3. Pivotal tuning: the K/V LoRA
 with prior preservation (text encoder frozen) trained on "a <sks> shape" on top of it.
 
@@ -154,6 +157,13 @@ def main() -> None:
     parser.add_argument(
         "--prior-weight", type=float, default=1.0, help="λ of the prior-preservation loss (Ruiz et al. eq. 2)"
     )
+    parser.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="train each run once per seed (a single run says little about drift); rows per seed and means",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_trainer"))
     parser.add_argument("--runs", default="", help="comma-separated run names (default: all)")
     args = parser.parse_args()
@@ -195,7 +205,11 @@ def main() -> None:
     report = {"instances": [p.name for p in pictures], "samples": args.samples}
     report["base"] = {"geneval": geneval(), "star_rate_sks": star_rate("a sks shape on the left")}
     common = dict(
-        model="toy-sd", seed=0, batch_size=4, images=str(pictures[0].parent), instance_prompt="a sks shape"
+        model="toy-sd",
+        seed=0,
+        batch_size=4,
+        images=str(pictures[0].parent),
+        instance_prompt="a sks shape",
     )
     on_word = dict(images=str(ti_pictures(pictures)), instance_prompt="a <sks> shape")
     every = dict(checkpoint_every=args.steps, sample_every=args.steps)
@@ -219,6 +233,10 @@ def main() -> None:
     with_text = dict(train_text_encoder=True)
     runs = {
         "lora_dreambooth_prior": TrainingSettings(**common, **lora, **prior, **with_text, name="star-prior"),
+        # Ruiz et al.'s own target for the class views: the noise that made z_t
+        "lora_dreambooth_prior_class_pictures": TrainingSettings(
+            **common, **lora, **prior, **with_text, prior_target="class-pictures", name="star-prior-ruiz"
+        ),
         # the UNet alone (diffusers' DreamBooth-LoRA default): no text-encoder drift to preserve against
         "lora_dreambooth_prior_unet_only": TrainingSettings(
             **common, **lora, **prior, name="star-prior-unet"
@@ -247,23 +265,47 @@ def main() -> None:
     chosen = [r for r in args.runs.split(",") if r] or list(runs)
     if unknown := set(chosen) - set(runs):
         parser.error(f"unknown runs {sorted(unknown)}; known: {', '.join(runs)}")
-    for key, settings in ((k, runs[k]) for k in chosen):
-        print(f"{key} ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        result = trainer.run(settings, models, Context(args.out / key))
-        row = {"train_seconds": round(time.perf_counter() - started, 1), "file_bytes": result["output_bytes"]}
-        word = "<sks>" if "<sks>" in settings.instance_prompt else "sks"
-        stack = {"loras": (LoraRef(settings.output_name, 1.0),)} if settings.method == "lora" else {}
-        row["star_rate_sks"] = star_rate(f"a {word} shape on the left", **stack)
-        row["geneval"] = geneval(**stack)
-        report[key] = row
-        print(json.dumps({key: row}), file=sys.stderr, flush=True)
+    base_score = report["base"]["geneval"][0]
+    for key in chosen:
+        rows = {}
+        for seed in args.train_seeds:
+            settings = runs[key].replace(seed=seed)
+            print(f"{key} seed {seed} ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            out = args.out / key / f"seed-{seed}" if len(args.train_seeds) > 1 else args.out / key
+            result = trainer.run(settings, models, Context(out))
+            row = {
+                "train_seconds": round(time.perf_counter() - started, 1),
+                "file_bytes": result["output_bytes"],
+            }
+            word = "<sks>" if "<sks>" in settings.instance_prompt else "sks"
+            stack = {"loras": (LoraRef(settings.output_name, 1.0),)} if settings.method == "lora" else {}
+            row["star_rate_sks"] = star_rate(f"a {word} shape on the left", **stack)
+            row["geneval"] = geneval(**stack)
+            row["geneval_drop"] = round(base_score - row["geneval"][0], 3)
+            rows[seed] = row
+            print(json.dumps({key: {seed: row}}), file=sys.stderr, flush=True)
+        report[key] = rows[args.train_seeds[0]] if len(rows) == 1 else {"seeds": rows, **means(rows)}
 
     report["unet_bytes"] = sum(p.numel() * p.element_size() for p in models.base("toy-sd").unet.parameters())
     fused = args.out / "library" / "loras" / "star-prior.safetensors"
     if "lora_dreambooth_prior" in chosen:
         report["fused_max_pixel_difference"] = fused_difference(models, fused)
     print(json.dumps(report, indent=1))
+
+
+def means(rows: dict) -> dict:
+    """The mean star rate, toy GenEval score and drop below the base over training seeds."""
+
+    def mean(values):
+        return round(sum(values) / len(values), 3)
+
+    return {
+        "mean_star_rate_sks": mean([r["star_rate_sks"] for r in rows.values()]),
+        "mean_geneval": mean([r["geneval"][0] for r in rows.values()]),
+        "mean_geneval_drop": mean([r["geneval_drop"] for r in rows.values()]),
+        "max_geneval_drop": max(r["geneval_drop"] for r in rows.values()),
+    }
 
 
 def fused_difference(models, lora_file: Path) -> int:

@@ -375,6 +375,12 @@ def _train_arguments(r: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--prior-preservation", action="store_true")
     r.add_argument("--prior-weight", type=float, default=1.0)
+    r.add_argument(
+        "--prior-target",
+        default="base-model",
+        help="what the prior term regresses to: base-model (the frozen base model's prediction) "
+        "or class-pictures (the noise that made the noisy class picture, Ruiz et al.)",
+    )
     r.add_argument("--class-images", type=int, default=50)
     r.add_argument("--steps", type=int)
     r.add_argument("--learning-rate", type=float, default=1e-4)
@@ -772,6 +778,7 @@ def train_command(args, studio) -> int:
             class_prompt="\n".join(args.class_prompt),
             prior_preservation=args.prior_preservation,
             prior_weight=args.prior_weight,
+            prior_target=args.prior_target,
             class_images=args.class_images,
             steps=args.steps or 1000,
             learning_rate=args.learning_rate,

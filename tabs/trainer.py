@@ -29,6 +29,7 @@ from studio.training.settings import (
     LR_SCHEDULES,
     METHODS,
     PRECISIONS,
+    PRIOR_TARGETS,
     TrainingSettings,
 )
 
@@ -104,7 +105,19 @@ def build(studio, bus: Bus) -> TrainerTab:
                 )
             with gr.Row():
                 prior_weight = gr.Number(value=DEFAULTS.prior_weight, label="Prior weight λ")
-                class_images = gr.Number(value=DEFAULTS.class_images, precision=0, label="Class pictures")
+                prior_target = gr.Dropdown(
+                    list(PRIOR_TARGETS),
+                    value=DEFAULTS.prior_target,
+                    label="Prior target",
+                    info="base-model: the frozen base model's prediction; class-pictures: the noise (Ruiz et al.)",
+                    elem_id="train-prior-target",
+                )
+                class_images = gr.Number(
+                    value=DEFAULTS.class_images,
+                    precision=0,
+                    label="Class pictures",
+                    elem_id="train-class-images",
+                )
             with gr.Row():
                 steps = gr.Number(value=DEFAULTS.steps, precision=0, label="Steps", elem_id="train-steps")
                 learning_rate = gr.Number(
@@ -181,6 +194,7 @@ def build(studio, bus: Bus) -> TrainerTab:
         "class_prompt": class_prompt,
         "prior_preservation": prior,
         "prior_weight": prior_weight,
+        "prior_target": prior_target,
         "class_images": class_images,
         "steps": steps,
         "learning_rate": learning_rate,

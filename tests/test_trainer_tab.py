@@ -112,12 +112,21 @@ def test_train_from_the_tab_cancel_resume_and_see_samples(app, browser, tiny_sd,
     assert resumed.status == "cancelled" and resumed.out_dir == cancelled.out_dir
     assert resumed.metrics[0]["step"] == cancelled.step + 1  # it went on from the checkpoint
 
-    # A short run ends with samples, a loss curve and how to use the LoRA.
+    # A short run with prior preservation, on the paper's target, ends with samples, a loss
+    # curve and how to use the LoRA.
     page.locator("#train-steps input").fill("4")
     page.locator("#train-sample-every input").fill("2")
     page.locator("#train-name textarea").fill("tab-star-short")
+    page.locator("#train-prior input").check()
+    page.locator("#train-class-prompt textarea").fill("a shape")
+    page.locator("#train-class-images input").fill("2")
+    assert page.locator("#train-prior-target input").input_value() == "base-model"
+    page.locator("#train-prior-target input").click()
+    page.get_by_role("option", name="class-pictures", exact=True).click()
     page.click("#train-start")
     page.wait_for_function("document.querySelector('#train-status').innerText.includes('done')")
+    short = studio.jobs.get(cancelled.id + 2).settings
+    assert short["prior_preservation"] and short["prior_target"] == "class-pictures"
     assert "tab-star-short:1.0" in page.inner_text("#train-status")
     page.wait_for_selector("#train-samples img")
     assert page.locator("#train-samples img").count() >= 2

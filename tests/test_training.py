@@ -7,6 +7,7 @@ continues where it stopped, patches that leave generation untouched, clear refus
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,75 @@ def test_several_class_prompts_make_a_regularisation_set_cycled_through(tiny_sd,
         settings(tiny_sd, stars, prior_preservation=True, class_prompt=s.class_prompt, class_images=1)
 
 
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_the_base_model_prior_target_is_the_untrained_models_prediction(tiny_sd, stars, models, method):
+    """The prior term's base-model target comes from the model as it was before training,
+    text encoder included, while the model that trains has moved; after the `with` block
+    the trained model predicts as before it (LoRA switches its adapters off and back on)."""
+    s = settings(
+        tiny_sd,
+        stars,
+        method=method,
+        train_text_encoder=True,
+        prior_preservation=True,
+        class_prompt="a shape",
+        prior_target="base-model",
+    )
+    module = trainer.METHODS[method]
+    with models.training_copy(str(tiny_sd)) as pipe:
+        ids = pipe.tokenizer(
+            ["a red circle on the left"],
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        size = pipe.unet.config.sample_size
+        zt = torch.randn(
+            1, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0)
+        )
+
+        def predict(unet, text_encoder):
+            with torch.no_grad():
+                return unet(zt, torch.tensor([500]), encoder_hidden_states=text_encoder(ids)[0]).sample
+
+        untrained = predict(pipe.unet, pipe.text_encoder)
+        base = module.frozen_base(pipe, s)
+        params, _ = module.prepare(pipe, s)
+        with torch.no_grad():  # stands in for training steps: every trainable weight moves
+            for p in params:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        trained = predict(pipe.unet, pipe.text_encoder)
+        with base() as (unet, text_encoder):
+            from_base = predict(unet, text_encoder)
+        after = predict(pipe.unet, pipe.text_encoder)
+    assert (trained - untrained).abs().max() > 1e-3
+    assert torch.allclose(from_base, untrained, atol=1e-6)
+    assert torch.equal(after, trained)
+
+
+def test_settings_saved_before_the_prior_target_existed_keep_the_target_they_trained_with(tiny_sd, stars):
+    s = settings(tiny_sd, stars, prior_preservation=True, class_prompt="a shape")
+    assert s.prior_target == "base-model"  # the default now
+    old = {k: v for k, v in s.to_dict().items() if k != "prior_target"} | {"schema_version": 1}
+    assert TrainingSettings.from_dict(old).prior_target == "class-pictures"  # how version 1 trained
+    assert TrainingSettings.from_dict(s.to_dict()) == s
+
+
+def test_a_base_model_prior_run_trains_and_records_its_target(tiny_sd, stars, models, tmp_path):
+    s = settings(
+        tiny_sd,
+        stars,
+        prior_preservation=True,
+        class_prompt="a shape",
+        class_images=2,
+        prior_target="base-model",
+    )
+    result = trainer.run(s, models, Context(tmp_path / "run"))
+    assert Path(result["installed"]).is_file() and np.isfinite(result["loss"])
+    recorded = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert TrainingSettings.from_dict(recorded).prior_target == "base-model"
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -250,6 +320,7 @@ def test_several_class_prompts_make_a_regularisation_set_cycled_through(tiny_sd,
         ({"targets": ()}, "targets must be"),
         ({"name": "../escape"}, "name may use"),
         ({"steps": 0}, "steps must be between"),
+        ({"prior_target": "noise"}, "prior target must be one of base-model, class-pictures"),
         ({"rank": None}, "rank must be a whole number, not empty"),
         (
             {"prior_preservation": True, "class_prompt": "a shape\n" * 2700},
@@ -353,10 +424,13 @@ def test_the_train_command_trains_resumes_and_refuses_in_one_line(tiny_sd, stars
         "two red circles",
         "--class-images",
         2,
+        "--prior-target",
+        "base-model",
         "--out",
         run,
     )
     assert first.returncode == 0, first.stderr
+    assert '"prior_target": "base-model"' in (run / "settings.json").read_text()
     assert "cli-star.safetensors" in first.stdout
     (made,) = (tmp_path / "data" / "library" / "class-pictures").iterdir()
     assert (made / "prompt.txt").read_text().splitlines()[1:] == ["a shape", "two red circles"]

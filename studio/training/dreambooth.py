@@ -8,11 +8,18 @@ prompts (one per line) widen c_pr into a regularisation set: picture i is made f
 i mod n and trained under it, so compositions the single class never shows (two objects,
 relations, counts) are held in place too. Those class pictures are generated once per
 (model, class prompts, resolution, seed) and cached.
+
+With the base-model prior target the class term's target ε' becomes the frozen base model's
+own prediction ε̂_base(z_t', t', c_pr) at the same noisy class latent: the trained model is
+asked to predict there what the base model predicts, the quantity eq. 2 reaches through
+generated pictures, without regressing one noise draw.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,6 +35,16 @@ def prepare(pipe, s: TrainingSettings) -> tuple[list, None]:
     pipe.unet.requires_grad_(True)
     modules = [pipe.unet] + ([pipe.text_encoder] if s.train_text_encoder else [])
     return [p for m in modules for p in m.parameters()], None
+
+
+def frozen_base(pipe, s: TrainingSettings):
+    """The base model for the prior term's base-model target: a frozen copy of what trains
+    (the UNet, and the text encoder where it trains too), taken before training starts."""
+    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+    text_encoder = (
+        copy.deepcopy(pipe.text_encoder).requires_grad_(False) if s.train_text_encoder else pipe.text_encoder
+    )
+    return lambda: nullcontext((unet, text_encoder))
 
 
 def save(pipe, s: TrainingSettings, folder: Path) -> Path:

@@ -8,6 +8,7 @@ Saved as diffusers/peft safetensors that `load_lora_weights` reads.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..settings import SettingsError
@@ -42,6 +43,30 @@ def prepare(pipe, s: TrainingSettings) -> tuple[list, None]:
         )
         modules.append(pipe.text_encoder)
     return [p for m in modules for p in m.parameters() if p.requires_grad], None
+
+
+def frozen_base(pipe, s: TrainingSettings):
+    """The base model for the prior term's base-model target: the same UNet and text encoder
+    with every adapter layer switched off for the duration of the `with` block (no copy)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    @contextmanager
+    def adapters_off():
+        layers = [
+            m
+            for net in (pipe.unet, pipe.text_encoder)
+            for m in net.modules()
+            if isinstance(m, BaseTunerLayer)
+        ]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield pipe.unet, pipe.text_encoder
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    return adapters_off
 
 
 def save(pipe, s: TrainingSettings, folder: Path) -> Path:

@@ -13,6 +13,7 @@ ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
 CROPS = ("center", "random")
+PRIOR_TARGETS = ("base-model", "class-pictures")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TOKEN = re.compile(r"^<?[A-Za-z0-9_-]{1,32}>?$")
@@ -41,6 +42,8 @@ class TrainingSettings(Settings):
     `dreambooth` the whole UNet, `textual-inversion` one new token embedding."""
 
     technique: ClassVar[str] = "train"
+    schema_version: ClassVar[int] = 2
+    upgraders: ClassVar[dict] = {1: lambda data: _with_version_1_prior_target(data)}
 
     method: str = "lora"
     model: str = "toy-sd"
@@ -49,6 +52,9 @@ class TrainingSettings(Settings):
     class_prompt: str = ""  # prior preservation's class ("a shape"); one per line: a regularisation set
     prior_preservation: bool = False
     prior_weight: float = 1.0  # λ of Ruiz et al.'s eq. 2
+    # what the class term regresses to: the frozen base model's own prediction at the noisy
+    # class latent (measured to drift less), or the noise that made it (Ruiz et al.'s eq. 2)
+    prior_target: str = "base-model"
     class_images: int = 50  # generated once by the base model, then cached
     steps: int = 1000
     learning_rate: float = 1e-4
@@ -91,6 +97,7 @@ class TrainingSettings(Settings):
         if self.prior_preservation and self.method == "textual-inversion":
             raise SettingsError("prior preservation is for LoRA and DreamBooth, not textual inversion")
         check_float("prior weight", self.prior_weight, 0.0, 10.0)
+        _one_of("prior target", self.prior_target, PRIOR_TARGETS)
         check_int("class images", self.class_images, 1, 1000)
         if self.prior_preservation and len(self.class_prompts) > self.class_images:
             raise SettingsError(
@@ -134,6 +141,11 @@ class TrainingSettings(Settings):
             return self.name
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.strip().rstrip("/").split("/")[-1])[:40]
         return f"{self.method}-{model or 'model'}"
+
+
+def _with_version_1_prior_target(data: dict) -> dict:
+    """Version 1 had no prior target: its prior term regressed to the noise (class-pictures)."""
+    return {**data, "prior_target": "class-pictures"}
 
 
 def _one_of(label: str, value, options) -> None:

@@ -70,7 +70,9 @@ def run(s: TrainingSettings, models, ctx) -> dict:
             if words:
                 ctx.report(0, s.steps, "trained words loaded: " + ", ".join(Path(w).stem for w in words))
 
-        # 3. The method decides what trains (LoRA's initial A is drawn from the seed).
+        # 3. The method decides what trains (LoRA's initial A is drawn from the seed); the
+        #    prior term's base-model target needs the untrained model beside it.
+        base = method.frozen_base(pipe, s) if prior[0] and s.prior_target == "base-model" else None
         torch.manual_seed(s.seed)
         params, after_step = method.prepare(pipe, s)
         if s.gradient_checkpointing:
@@ -98,7 +100,9 @@ def run(s: TrainingSettings, models, ctx) -> dict:
                 loss_value = 0.0
                 for _ in range(s.gradient_accumulation):
                     with accelerator.autocast():
-                        loss = _loss(pipe, s, encode, noise_scheduler, pictures, prior, generator, device)
+                        loss = _loss(
+                            pipe, s, encode, noise_scheduler, pictures, prior, base, generator, device
+                        )
                     accelerator.backward(loss / s.gradient_accumulation)
                     loss_value += loss.item() / s.gradient_accumulation
                 accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -140,6 +144,7 @@ class _Encoder:
         self.pipe, self.device = pipe, device
         self.text_trains = s.train_text_encoder or s.method == "textual-inversion"
         self.cache: dict[str, torch.Tensor] = {}
+        self.base_cache: dict[str, torch.Tensor] = {}
         self.moments: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def latents(self, views: list, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -171,7 +176,16 @@ class _Encoder:
                     self.cache[caption] = row
         return torch.stack([self.cache[c] for c in captions])
 
-    def _encode(self, captions: list[str]) -> torch.Tensor:
+    def base_text(self, captions: list[str], text_encoder) -> torch.Tensor:
+        """The frozen base's text embeddings (call under no_grad, with the base switched in)."""
+        if not self.text_trains:
+            return self.text(captions)
+        for caption in dict.fromkeys(captions):
+            if caption not in self.base_cache:
+                self.base_cache[caption] = self._encode([caption], text_encoder)[0]
+        return torch.stack([self.base_cache[c] for c in captions])
+
+    def _encode(self, captions: list[str], text_encoder=None) -> torch.Tensor:
         tokenizer = self.pipe.tokenizer
         ids = tokenizer(
             captions,
@@ -180,11 +194,17 @@ class _Encoder:
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return self.pipe.text_encoder(ids)[0]
+        return (text_encoder or self.pipe.text_encoder)(ids)[0]
 
 
-def _loss(pipe, s, encode, noise_scheduler, pictures, prior, generator, device) -> torch.Tensor:
-    """ε-prediction MSE on a batch of instance views, plus λ × the same on class views."""
+def _loss(pipe, s, encode, noise_scheduler, pictures, prior, base, generator, device) -> torch.Tensor:
+    """ε-prediction MSE on a batch of instance views, plus λ × the same on class views.
+
+    With `base` (the base-model prior target) a class view's target is the frozen base
+    model's own prediction at the same z_t, t and caption rather than the noise ε that made
+    z_t: the class term then asks the trained model to predict what the base model predicts,
+    which is what Ruiz et al.'s eq. 2 approximates with generated pictures, without the
+    variance of regressing one noise draw (a distillation form of the prior term)."""
     picks = torch.randint(0, len(pictures.pictures), (s.batch_size,), generator=generator).tolist()
     views = [("instance", i) for i in picks]
     captions = [pictures.captions[i] for i in picks]
@@ -211,6 +231,11 @@ def _loss(pipe, s, encode, noise_scheduler, pictures, prior, generator, device) 
         if noise_scheduler.config.prediction_type == "epsilon"
         else noise_scheduler.get_velocity(z0, noise, t)
     )
+    if base is not None:
+        n = s.batch_size
+        with torch.no_grad(), base() as (unet, text_encoder):
+            context = encode.base_text(captions[n:], text_encoder)
+            target = torch.cat([target[:n], unet(zt[n:], t[n:], encoder_hidden_states=context).sample])
     pred = pipe.unet(zt, t, encoder_hidden_states=encode.text(captions)).sample
     errors = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
     if not class_pictures:
