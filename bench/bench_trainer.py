@@ -18,9 +18,9 @@ in the toy GenEval set), 120 pictures the base model made of them, since one cla
 shows only single shapes and lets two-object, relation and counting scenes drift. The class
 views regress to the frozen base model's own prediction (the trainer's default prior target,
 "base-model"); the same run with Ruiz et al.'s target, the noise that made z_t
-("class-pictures"), is beside it. For contrast: the same with the UNet alone (text encoder frozen), with the single class "a shape", without prior
-preservation, and a wide LoRA (attention, feed-forward, proj and resnet convs) with the
-regularisation set.
+("class-pictures"), is beside it. For contrast: the same with the UNet alone (text encoder
+frozen), with the single class "a shape", without prior preservation, and a wide LoRA
+(attention, feed-forward, proj and resnet convs) with the regularisation set.
 Textual Inversion: one new word <sks> from "shape", LR 5e-3. Pivotal tuning: the K/V LoRA
 with prior preservation (text encoder frozen) trained on "a <sks> shape" on top of it.
 

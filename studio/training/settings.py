@@ -34,6 +34,11 @@ COUNTS = (
 )
 
 
+def _with_version_1_prior_target(data: dict) -> dict:
+    """Version 1 had no prior target: its prior term regressed to the noise (class-pictures)."""
+    return {**data, "prior_target": "class-pictures"}
+
+
 @dataclass(frozen=True)
 class TrainingSettings(Settings):
     """One personalization run (Hu et al. 2022; Ruiz et al. 2023; Gal et al. 2023).
@@ -43,7 +48,7 @@ class TrainingSettings(Settings):
 
     technique: ClassVar[str] = "train"
     schema_version: ClassVar[int] = 2
-    upgraders: ClassVar[dict] = {1: lambda data: _with_version_1_prior_target(data)}
+    upgraders: ClassVar[dict] = {1: _with_version_1_prior_target}
 
     method: str = "lora"
     model: str = "toy-sd"
@@ -141,11 +146,6 @@ class TrainingSettings(Settings):
             return self.name
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.strip().rstrip("/").split("/")[-1])[:40]
         return f"{self.method}-{model or 'model'}"
-
-
-def _with_version_1_prior_target(data: dict) -> dict:
-    """Version 1 had no prior target: its prior term regressed to the noise (class-pictures)."""
-    return {**data, "prior_target": "class-pictures"}
 
 
 def _one_of(label: str, value, options) -> None:
