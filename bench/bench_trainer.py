@@ -1,8 +1,9 @@
 """Teaching toy-sd the held-out star: LoRA-DreamBooth with and without prior preservation,
 Textual Inversion, LoRA size and fusing, all through the studio's trainer.
 
-    python bench/bench_trainer.py [--steps 1500] [--samples 64] [--per-category 16] [--geneval-samples 4]
-                                  [--prior-weight 1.0] [--train-seeds 0 ...] [--runs NAME,...]
+    python bench/bench_trainer.py [--steps 1500] [--learning-rate 2e-3] [--samples 64] [--per-category 16]
+                                  [--geneval-samples 4] [--class-captions 60] [--prior-weight 1.0]
+                                  [--train-seeds 0 ...] [--runs NAME,...]
                                   [--out runs/bench_trainer]
 
 The base models never saw a star (../shared/toyworld.md). Five rendered large stars, one on
@@ -27,7 +28,9 @@ with prior preservation (text encoder frozen) trained on "a <sks> shape" on top 
 Prints JSON: the star rate of "a sks shape on the left" (judge, one sample a seed); toy
 GenEval on ordinary prompts for the base model and each trained model (the same prompts and
 seeds for every model, so differences are paired; 4 seeds a prompt, since with one, two runs
-of the same model differ by several points); training wall time on this machine; file
+of the same model differ by several points) and the drop's standard error from the paired
+per-sample differences (about 2.5 points at 384 samples: a single run's drop is known no
+better than that); training wall time on this machine; file
 sizes; and the largest pixel difference between the unfused LoRA and the same LoRA fused
 into the weights (W' = W + (α/r)·B·A).
 """
@@ -154,6 +157,7 @@ def main() -> None:
     parser.add_argument(
         "--class-captions", type=int, default=60, help="world captions in the regularisation set"
     )
+    parser.add_argument("--learning-rate", type=float, default=2e-3, help="of the LoRA runs")
     parser.add_argument(
         "--prior-weight", type=float, default=1.0, help="λ of the prior-preservation loss (Ruiz et al. eq. 2)"
     )
@@ -172,7 +176,7 @@ def main() -> None:
 
     from studio.models import LoraRef, ModelManager
     from studio.toyworld import judge
-    from studio.toyworld.geneval import evaluate
+    from studio.toyworld.geneval import CATEGORIES, evaluate
     from studio.training import trainer
     from studio.training.settings import TrainingSettings
     from studio.txt2img import Txt2ImgSettings
@@ -195,15 +199,18 @@ def main() -> None:
         return sum(any(s.kind == "star" for s in judge.read(im).shapes) for im in found) / args.samples
 
     def geneval(**extra):
+        """[overall, per category] and each scored sample's outcome, in the prompt set's order."""
         result = evaluate(
             lambda p, s: images(p, s, **extra),
             samples_per_prompt=args.geneval_samples,
             per_category=args.per_category,
         )
-        return round(result.overall, 3), {k: round(v, 3) for k, v in result.per_category.items()}
+        outcomes = [ok for category, _, _, ok in result.rows if category in CATEGORIES]
+        return [round(result.overall, 3), {k: round(v, 3) for k, v in result.per_category.items()}], outcomes
 
     report = {"instances": [p.name for p in pictures], "samples": args.samples}
-    report["base"] = {"geneval": geneval(), "star_rate_sks": star_rate("a sks shape on the left")}
+    base_geneval, base_outcomes = geneval()
+    report["base"] = {"geneval": base_geneval, "star_rate_sks": star_rate("a sks shape on the left")}
     common = dict(
         model="toy-sd",
         seed=0,
@@ -214,7 +221,13 @@ def main() -> None:
     on_word = dict(images=str(ti_pictures(pictures)), instance_prompt="a <sks> shape")
     every = dict(checkpoint_every=args.steps, sample_every=args.steps)
     lora = dict(
-        method="lora", steps=args.steps, learning_rate=2e-3, rank=16, alpha=16, targets=KV_TARGETS, **every
+        method="lora",
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        rank=16,
+        alpha=16,
+        targets=KV_TARGETS,
+        **every,
     )
     class_prompts = "\n".join(("a shape", *world_captions(args.class_captions, args.per_category)))
     weight = args.prior_weight
@@ -281,8 +294,9 @@ def main() -> None:
             word = "<sks>" if "<sks>" in settings.instance_prompt else "sks"
             stack = {"loras": (LoraRef(settings.output_name, 1.0),)} if settings.method == "lora" else {}
             row["star_rate_sks"] = star_rate(f"a {word} shape on the left", **stack)
-            row["geneval"] = geneval(**stack)
+            row["geneval"], outcomes = geneval(**stack)
             row["geneval_drop"] = round(base_score - row["geneval"][0], 3)
+            row["geneval_drop_se"] = paired_standard_error(base_outcomes, outcomes)
             rows[seed] = row
             print(json.dumps({key: {seed: row}}), file=sys.stderr, flush=True)
         report[key] = rows[args.train_seeds[0]] if len(rows) == 1 else {"seeds": rows, **means(rows)}
@@ -295,17 +309,31 @@ def main() -> None:
 
 
 def means(rows: dict) -> dict:
-    """The mean star rate, toy GenEval score and drop below the base over training seeds."""
+    """The mean star rate, toy GenEval score and drop below the base over training seeds, and
+    the mean drop's standard error from the seeds' spread (training and measurement noise)."""
 
     def mean(values):
         return round(sum(values) / len(values), 3)
 
+    drops = [r["geneval_drop"] for r in rows.values()]
+    spread = sum((d - sum(drops) / len(drops)) ** 2 for d in drops) / max(len(drops) - 1, 1)
     return {
         "mean_star_rate_sks": mean([r["star_rate_sks"] for r in rows.values()]),
         "mean_geneval": mean([r["geneval"][0] for r in rows.values()]),
-        "mean_geneval_drop": mean([r["geneval_drop"] for r in rows.values()]),
-        "max_geneval_drop": max(r["geneval_drop"] for r in rows.values()),
+        "mean_geneval_drop": mean(drops),
+        "mean_geneval_drop_se": round((spread / len(drops)) ** 0.5, 3),
+        "max_geneval_drop": max(drops),
     }
+
+
+def paired_standard_error(base: list[bool], trained: list[bool]) -> float:
+    """The standard error of the drop, from the per-sample differences of the two models on
+    the same prompts and seeds (the overall score is the plain mean: every category has as
+    many samples)."""
+    differences = [int(b) - int(t) for b, t in zip(base, trained, strict=True)]
+    mean = sum(differences) / len(differences)
+    variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+    return round((variance / len(differences)) ** 0.5, 3)
 
 
 def fused_difference(models, lora_file: Path) -> int:
