@@ -29,7 +29,7 @@ Prints JSON: the star rate of "a sks shape on the left" (judge, one sample a see
 GenEval on ordinary prompts for the base model and each trained model (the same prompts and
 seeds for every model, so differences are paired; 4 seeds a prompt, since with one, two runs
 of the same model differ by several points) and the drop's standard error from the paired
-per-sample differences (about 2.5 points at 384 samples: a single run's drop is known no
+per-sample differences (about 2.3 points at 384 samples: a single run's drop is known no
 better than that); training wall time on this machine; file
 sizes; and the largest pixel difference between the unfused LoRA and the same LoRA fused
 into the weights (W' = W + (α/r)·B·A).
