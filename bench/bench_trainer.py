@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -316,12 +317,11 @@ def means(rows: dict) -> dict:
         return round(sum(values) / len(values), 3)
 
     drops = [r["geneval_drop"] for r in rows.values()]
-    spread = sum((d - sum(drops) / len(drops)) ** 2 for d in drops) / max(len(drops) - 1, 1)
     return {
         "mean_star_rate_sks": mean([r["star_rate_sks"] for r in rows.values()]),
         "mean_geneval": mean([r["geneval"][0] for r in rows.values()]),
         "mean_geneval_drop": mean(drops),
-        "mean_geneval_drop_se": round((spread / len(drops)) ** 0.5, 3),
+        "mean_geneval_drop_se": standard_error(drops),
         "max_geneval_drop": max(drops),
     }
 
@@ -330,10 +330,12 @@ def paired_standard_error(base: list[bool], trained: list[bool]) -> float:
     """The standard error of the drop, from the per-sample differences of the two models on
     the same prompts and seeds (the overall score is the plain mean: every category has as
     many samples)."""
-    differences = [int(b) - int(t) for b, t in zip(base, trained, strict=True)]
-    mean = sum(differences) / len(differences)
-    variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
-    return round((variance / len(differences)) ** 0.5, 3)
+    return standard_error([int(b) - int(t) for b, t in zip(base, trained, strict=True)])
+
+
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of `values` (sample standard deviation / √n)."""
+    return round(statistics.stdev(values) / len(values) ** 0.5, 3)
 
 
 def fused_difference(models, lora_file: Path) -> int:
