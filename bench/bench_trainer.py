@@ -20,8 +20,10 @@ shows only single shapes and lets two-object, relation and counting scenes drift
 views regress to the frozen base model's own prediction (the trainer's default prior target,
 "base-model"); the same run with Ruiz et al.'s target, the noise that made z_t
 ("class-pictures"), is beside it. For contrast: the same with the UNet alone (text encoder
-frozen), with the single class "a shape", without prior preservation, and a wide LoRA
-(attention, feed-forward, proj and resnet convs) with the regularisation set.
+frozen), with a regularisation set of twice the world's share of two-object captions (60%
+against 30%, where the drift falls), with the single class "a shape", without prior
+preservation, and a wide LoRA (attention, feed-forward, proj and resnet convs) with the
+regularisation set.
 Textual Inversion: one new word <sks> from "shape", LR 5e-3. Pivotal tuning: the K/V LoRA
 with prior preservation (text encoder frozen) trained on "a <sks> shape" on top of it.
 
@@ -96,18 +98,31 @@ def instance_pictures(folder: Path, vae, seed: int = 1) -> list[Path]:
     return paths
 
 
-def world_captions(n: int, per_category: int, seed: int = 77) -> list[str]:
+PAIR_SHARE = 0.6  # two-object captions in the pair-weighted regularisation set (the world: 0.3)
+
+
+def world_captions(n: int, per_category: int, pair_share: float | None = None, seed: int = 77) -> list[str]:
     """`n` distinct captions of the world's training distribution, none in the toy GenEval
-    set the bench scores (`per_category` prompts a category)."""
+    set the bench scores (`per_category` prompts a category); with `pair_share`, that share
+    of them two-object captions ("and", "to the left of", "above"; the world has 30%)."""
     from studio.toyworld.captions import format_caption, sample_spec
     from studio.toyworld.geneval import prompt_set
 
     evaluated = {p for _, p in prompt_set(per_category)}
-    rng, captions = random.Random(seed), []
+    pairs_wanted = None if pair_share is None else round(pair_share * n)
+    rng, captions, pairs = random.Random(seed), [], 0
     while len(captions) < n:
-        caption = format_caption(sample_spec(rng))
-        if caption not in evaluated and caption not in captions:
-            captions.append(caption)
+        spec = sample_spec(rng)
+        caption = format_caption(spec)
+        if caption in evaluated or caption in captions:
+            continue
+        is_pair = spec.relation is not None
+        if pairs_wanted is not None and (
+            pairs == pairs_wanted if is_pair else len(captions) - pairs == n - pairs_wanted
+        ):
+            continue
+        captions.append(caption)
+        pairs += is_pair
     return captions
 
 
@@ -238,6 +253,9 @@ def main() -> None:
         class_prompt=class_prompts,
         class_images=2 * args.class_captions,
     )
+    # the drift falls on two-object scenes: a regularisation set with twice the world's share of them
+    pair_captions = world_captions(args.class_captions, args.per_category, pair_share=PAIR_SHARE)
+    pair_weighted = {**prior, "class_prompt": "\n".join(("a shape", *pair_captions))}
     one_class = dict(
         prior_preservation=True,
         prior_weight=weight,
@@ -254,6 +272,9 @@ def main() -> None:
         # the UNet alone (diffusers' DreamBooth-LoRA default): no text-encoder drift to preserve against
         "lora_dreambooth_prior_unet_only": TrainingSettings(
             **common, **lora, **prior, name="star-prior-unet"
+        ),
+        "lora_dreambooth_prior_pair_weighted": TrainingSettings(
+            **common, **lora, **pair_weighted, **with_text, name="star-prior-pairs"
         ),
         "lora_dreambooth_one_class_prompt": TrainingSettings(
             **common, **lora, **one_class, **with_text, name="star-one-class"
