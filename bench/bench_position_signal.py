@@ -47,20 +47,33 @@ COLOUR_PAIR = ("a red {} on a white background", "a blue {} on a white backgroun
 COLOUR_SHAPES = ("circle", "square", "triangle")
 
 
-def data_latents(pipe, caption: str, scenes: int, seed: int):
-    """Mean latent (the model's scaling) of `scenes` renders of `caption`."""
+def mean_latent(pipe, pictures):
+    """Mean latent of `pictures` in the model's own latent space (its VAE, shift and scaling)."""
     import torch
 
-    from studio.toyworld.captions import parse_caption, sample_scene
-    from studio.toyworld.render import render
     from studio.toyworld.train.common import images_to_tensor
 
-    rng = random.Random(seed)
-    pictures = [render(sample_scene(parse_caption(caption), rng)) for _ in range(scenes)]
     with torch.no_grad():
         z = pipe.vae.encode(images_to_tensor(pictures)).latent_dist.mode()
     config = pipe.vae.config
     return ((z - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor).mean(0)
+
+
+def data_latents(pipe, caption: str, scenes: int, seed: int):
+    """Mean latent of `scenes` renders of `caption`."""
+    from studio.toyworld.captions import parse_caption, sample_scene
+    from studio.toyworld.render import render
+
+    rng = random.Random(seed)
+    return mean_latent(pipe, [render(sample_scene(parse_caption(caption), rng)) for _ in range(scenes)])
+
+
+def clean_and_noise(scheduler, z, out, t):
+    """(x̂_0, ε̂) from a UNet's output at timestep t, for ε- or v-prediction."""
+    a = scheduler.alphas_cumprod[int(t)]
+    if scheduler.config.prediction_type == "v_prediction":
+        return a.sqrt() * z - (1 - a).sqrt() * out, (1 - a).sqrt() * z + a.sqrt() * out
+    return (z - (1 - a).sqrt() * out) / a.sqrt(), out
 
 
 def oracle_position_score(pipe, prompts, seeds, k: int, guidance: float, priors, steps: int = 25) -> float:
@@ -81,13 +94,9 @@ def oracle_position_score(pipe, prompts, seeds, k: int, guidance: float, priors,
                 z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
                 for i, t in enumerate(timesteps):
                     out_u, out_c = unet(torch.cat([z, z]), t, encoder_hidden_states=context).sample.chunk(2)
-                    out = out_u + guidance * (out_c - out_u)
-                    a = scheduler.alphas_cumprod[int(t)]
-                    if scheduler.config.prediction_type == "v_prediction":
-                        x0, eps = a.sqrt() * z - (1 - a).sqrt() * out, (1 - a).sqrt() * z + a.sqrt() * out
-                    else:
-                        x0, eps = (z - (1 - a).sqrt() * out) / a.sqrt(), out
+                    x0, eps = clean_and_noise(scheduler, z, out_u + guidance * (out_c - out_u), t)
                     if i < k:
+                        a = scheduler.alphas_cumprod[int(t)]
                         x0 = priors[prompt][None]
                         eps = (z - a.sqrt() * x0) / (1 - a).sqrt()
                     a_next = (
@@ -117,18 +126,12 @@ def chance_position_score(prompts, samples: int = 64) -> float:
 def guided_priors(pipe, prompts, scenes: int, guidance: float, world: int = 1024) -> dict:
     """E[z_0] + w (E[z_0 | prompt] − E[z_0]) for each prompt; E[z_0] over `world` renders of
     the world's own caption distribution."""
-    import torch
-
     from studio.toyworld.captions import sample_pair
     from studio.toyworld.render import render
-    from studio.toyworld.train.common import images_to_tensor
 
-    rng, total = random.Random(7), 0.0
-    for _ in range(0, world, 256):
-        pictures = [render(sample_pair(rng)[1]) for _ in range(256)]
-        with torch.no_grad():
-            total = total + pipe.vae.encode(images_to_tensor(pictures)).latent_dist.mode().sum(0)
-    unconditional = total / world * pipe.vae.config.scaling_factor
+    rng, batches = random.Random(7), range(0, world, 256)
+    unconditional = sum(mean_latent(pipe, [render(sample_pair(rng)[1]) for _ in range(256)]) for _ in batches)
+    unconditional = unconditional / len(batches)
     return {
         p: unconditional + guidance * (data_latents(pipe, p, scenes, seed=300 + i) - unconditional)
         for i, p in enumerate(prompts)
@@ -162,11 +165,7 @@ def first_step_x0(pipe, caption: str, noise, guidance: float, steps: int = 25):
         out_c, out_u = (
             pipe.unet(noise, t, encoder_hidden_states=c.expand(n, -1, -1)).sample for c in (cond, uncond)
         )
-        out = out_u + guidance * (out_c - out_u)
-        a = pipe.scheduler.alphas_cumprod[int(t)]
-        if pipe.scheduler.config.prediction_type == "v_prediction":
-            return (a.sqrt() * noise - (1 - a).sqrt() * out).mean(0)
-        return ((noise - (1 - a).sqrt() * out) / a.sqrt()).mean(0)
+        return clean_and_noise(pipe.scheduler, noise, out_u + guidance * (out_c - out_u), t)[0].mean(0)
 
 
 def compare(pipe, pair, fill, noise, guidance, scenes) -> tuple[float, float]:
