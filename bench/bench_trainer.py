@@ -109,20 +109,16 @@ def world_captions(n: int, per_category: int, pair_share: float | None = None, s
     from studio.toyworld.geneval import prompt_set
 
     evaluated = {p for _, p in prompt_set(per_category)}
-    pairs_wanted = None if pair_share is None else round(pair_share * n)
-    rng, captions, pairs = random.Random(seed), [], 0
+    pairs = n if pair_share is None else round(pair_share * n)
+    room = {True: pairs, False: n if pair_share is None else n - pairs}  # places left, by "is two-object"
+    rng, captions = random.Random(seed), []
     while len(captions) < n:
         spec = sample_spec(rng)
-        caption = format_caption(spec)
-        if caption in evaluated or caption in captions:
-            continue
-        is_pair = spec.relation is not None
-        if pairs_wanted is not None and (
-            pairs == pairs_wanted if is_pair else len(captions) - pairs == n - pairs_wanted
-        ):
+        caption, two_objects = format_caption(spec), spec.relation is not None
+        if caption in evaluated or caption in captions or room[two_objects] == 0:
             continue
         captions.append(caption)
-        pairs += is_pair
+        room[two_objects] -= 1
     return captions
 
 
