@@ -18,8 +18,9 @@ regularisation set: "a shape" and 60 captions of the world's own caption distrib
 in the toy GenEval set), 120 pictures the base model made of them, since one class prompt
 shows only single shapes and lets two-object, relation and counting scenes drift. The class
 views regress to the frozen base model's own prediction (the trainer's default prior target,
-"base-model"); the same run with Ruiz et al.'s target, the noise that made z_t
-("class-pictures"), is beside it. For contrast: the same with the UNet alone (text encoder
+"base-model"), each ε error counted at least as the error it implies in the clean latent x̂_0,
+so that the layout the base model gives ordinary prompts at high noise is held too; the same
+run with Ruiz et al.'s target, the noise that made z_t ("class-pictures"), is beside it. For contrast: the same with the UNet alone (text encoder
 frozen), with a regularisation set of twice the world's share of two-object captions (60%
 against 30%, where the drift falls), with the single class "a shape", without prior
 preservation, and a wide LoRA (attention, feed-forward, proj and resnet convs) with the

@@ -286,6 +286,29 @@ def test_the_base_model_prior_target_is_the_untrained_models_prediction(tiny_sd,
     assert torch.equal(after, trained)
 
 
+@pytest.mark.parametrize("t", [999, 800, 500, 100])
+def test_the_base_model_prior_term_counts_an_error_at_least_as_the_clean_latent_error(t):
+    """A class view's ε error under the base-model target is weighed as the larger of itself
+    and the error it makes in the predicted clean latent x̂_0 (what the layout is made of)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
+    )
+    g = torch.Generator().manual_seed(t)
+    zt, eps_base, eps_trained = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+
+    def clean(eps):
+        scheduler.set_timesteps(1000)
+        return scheduler.step(eps, t, zt).pred_original_sample
+
+    eps_error = ((eps_trained - eps_base) ** 2).mean()
+    clean_error = ((clean(eps_trained) - clean(eps_base)) ** 2).mean()
+    weighted = trainer._clean_latent_weight(scheduler, torch.tensor([t])) * eps_error
+    assert torch.allclose(weighted, torch.maximum(eps_error, clean_error), rtol=1e-4)
+    assert (clean_error > eps_error) == (t >= 500)  # SNR(t) < 1 from t = 354 on SD's schedule
+
+
 def test_settings_saved_before_the_prior_target_existed_keep_the_target_they_trained_with(tiny_sd, stars):
     s = settings(tiny_sd, stars, prior_preservation=True, class_prompt="a shape")
     assert s.prior_target == "base-model"  # the default now

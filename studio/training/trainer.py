@@ -204,7 +204,9 @@ def _loss(pipe, s, encode, noise_scheduler, pictures, prior, base, generator, de
     model's own prediction at the same z_t, t and caption rather than the noise ε that made
     z_t: the class term then asks the trained model to predict what the base model predicts,
     which is what Ruiz et al.'s eq. 2 approximates with generated pictures, without the
-    variance of regressing one noise draw (a distillation form of the prior term)."""
+    variance of regressing one noise draw (a distillation form of the prior term). Being
+    exact, that target can also be held at high noise: an ε-prediction class error counts
+    at least as the clean-latent error it implies (`_clean_latent_weight`)."""
     picks = torch.randint(0, len(pictures.pictures), (s.batch_size,), generator=generator).tolist()
     views = [("instance", i) for i in picks]
     captions = [pictures.captions[i] for i in picks]
@@ -240,7 +242,22 @@ def _loss(pipe, s, encode, noise_scheduler, pictures, prior, base, generator, de
     errors = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
     if not class_pictures:
         return errors.mean()
-    return errors[: s.batch_size].mean() + s.prior_weight * errors[s.batch_size :].mean()
+    class_errors = errors[s.batch_size :]
+    if base is not None and noise_scheduler.config.prediction_type == "epsilon":
+        class_errors = class_errors * _clean_latent_weight(noise_scheduler, t[s.batch_size :])
+    return errors[: s.batch_size].mean() + s.prior_weight * class_errors.mean()
+
+
+def _clean_latent_weight(noise_scheduler, t) -> torch.Tensor:
+    """max(1, 1/SNR(t)): an ε error of the distilled class term counted at least as the
+    clean-latent error it implies, ‖Δx̂_0‖² = ‖Δε‖² / SNR(t).
+
+    ε-prediction's loss all but ignores x̂_0 at high noise (Salimans & Ho 2022, §4), where a
+    scene's layout is decided; regressing to the noise that can't be predicted there would
+    only add variance, but the base model's own prediction is an exact target, so the
+    prior term can hold the layout of ordinary prompts where the instance term moves it."""
+    alphas = noise_scheduler.alphas_cumprod.to(t.device)[t]
+    return torch.clamp((1 - alphas) / alphas, min=1.0)
 
 
 def _accelerator(s: TrainingSettings, device):
