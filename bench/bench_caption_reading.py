@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -115,25 +114,17 @@ def word_shift(pipe, a: str, b: str) -> float:
     return float((mean[0] - mean[1]).norm() / mean[0].norm())
 
 
-def training_data(pipe, n: int, seed: int = 11) -> dict:
-    """n fresh renders of the training caption distribution, as latents, token ids and classes."""
+def training_data(pipe, n: int, cache: Path, seed: int = 11) -> dict:
+    """n fresh renders of the training caption distribution (toy-sd's own data builder, another
+    seed), as scaled latents, token ids and position classes."""
     import torch
 
-    from studio.toyworld.captions import sample_pair
-    from studio.toyworld.render import render
-    from studio.toyworld.train.common import images_to_tensor
+    from studio.toyworld.train.sd import build_latent_dataset
 
-    rng = random.Random(seed)
-    pairs = [sample_pair(rng) for _ in range(n)]
-    latents = []
-    with torch.no_grad():
-        for start in range(0, n, 256):
-            pictures = images_to_tensor([render(s) for _, s in pairs[start : start + 256]])
-            latents.append(pipe.vae.encode(pictures.to(pipe.vae.dtype)).latent_dist.mean.float())
-    captions = [c for c, _ in pairs]
-    tokenize = pipe.tokenizer
+    data = build_latent_dataset(pipe.vae, cache, "cpu", n=n, seed=seed)
+    captions, tokenize = data["captions"], pipe.tokenizer
     return {
-        "latents": torch.cat(latents) * pipe.vae.config.scaling_factor,
+        "latents": data["mean"] * pipe.vae.config.scaling_factor,
         "ids": tokenize(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids,
         "empty": tokenize([""], padding="max_length", return_tensors="pt").input_ids[0],
         "labels": torch.tensor([position_class(c) for c in captions]),
@@ -204,7 +195,8 @@ def main() -> None:
         return pipe
 
     pipe = shipped()
-    data = training_data(pipe, args.dataset)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = training_data(pipe, args.dataset, args.out / f"latents-{args.dataset}.safetensors")
     report = {"shipped toy-sd": measure(pipe, "shipped toy-sd", args.geneval_samples)}
     for label, weight in (
         ("fine-tuned", 0.0),

@@ -20,11 +20,11 @@ shows only single shapes and lets two-object, relation and counting scenes drift
 views regress to the frozen base model's own prediction (the trainer's default prior target,
 "base-model"), each ε error counted at least as the error it implies in the clean latent x̂_0,
 so that the layout the base model gives ordinary prompts at high noise is held too; the same
-run with Ruiz et al.'s target, the noise that made z_t ("class-pictures"), is beside it. For contrast: the same with the UNet alone (text encoder
-frozen), with a regularisation set of twice the world's share of two-object captions (60%
-against 30%, where the drift falls), with the single class "a shape", without prior
-preservation, and a wide LoRA (attention, feed-forward, proj and resnet convs) with the
-regularisation set.
+run with Ruiz et al.'s target, the noise that made z_t ("class-pictures"), is beside it. For
+contrast: the same with the UNet alone (text encoder frozen), with a regularisation set of
+twice the world's share of two-object captions (60% against 30%, where the drift falls),
+with the single class "a shape", without prior preservation, and a wide LoRA (attention,
+feed-forward, proj and resnet convs) with the regularisation set.
 Textual Inversion: one new word <sks> from "shape", LR 5e-3. Pivotal tuning: the K/V LoRA
 with prior preservation (text encoder frozen) trained on "a <sks> shape" on top of it.
 

@@ -297,9 +297,9 @@ def test_the_base_model_prior_term_counts_an_error_at_least_as_the_clean_latent_
     )
     g = torch.Generator().manual_seed(t)
     zt, eps_base, eps_trained = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+    scheduler.set_timesteps(1000)
 
     def clean(eps):
-        scheduler.set_timesteps(1000)
         return scheduler.step(eps, t, zt).pred_original_sample
 
     eps_error = ((eps_trained - eps_base) ** 2).mean()

@@ -102,8 +102,8 @@ def build_unet(cross_attention_dim: int):
 
 
 @torch.no_grad()
-def build_latent_dataset(vae, path: Path, device, n: int = DATASET) -> dict:
-    """Captions, token ids and latent distributions of `n` fixed renders (cached on disk)."""
+def build_latent_dataset(vae, path: Path, device, n: int = DATASET, seed: int = SEED) -> dict:
+    """Captions and latent distributions of `n` fixed renders drawn with `seed` (cached on disk)."""
     from safetensors.torch import load_file, save_file
 
     from ..captions import sample_pair
@@ -116,7 +116,7 @@ def build_latent_dataset(vae, path: Path, device, n: int = DATASET) -> dict:
             "std": data["std"],
             "captions": json.loads(path.with_suffix(".json").read_text()),
         }
-    rng = random.Random(SEED)
+    rng = random.Random(seed)
     captions, means, stds = [], [], []
     for start in range(0, n, 256):
         pairs = [sample_pair(rng) for _ in range(min(256, n - start))]
