@@ -6,8 +6,8 @@
 Prints JSON:
 - the issue's bar: a held-out reference of one shape + "a shape POSITION"; the share of cases
   where the judge reads exactly one shape of the reference's shape and colour, the share
-  where that shape is at the prompted position, and both (toy-sd follows position words
-  weakly by itself: the position rate is reported apart, with toy-sd's own rate at λ = 0);
+  where that shape is at the prompted position, and both (the position rate is reported
+  apart, with toy-sd's own rate at λ = 0);
 - λ swept 0 (the prompt alone, bit-identical to toy-sd) → 1.5, drawn;
 - the ablation (Ye et al.'s "simple adapter"): the same training with the image tokens
   concatenated to the text tokens in one softmax (`python -m studio.toyworld.train ip_adapter

@@ -100,20 +100,27 @@ def make_run(stage: str, tokenizer, pairs, seed: int) -> Run:
             unet = ip2p.widen_unet(unet)
             cond = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (len(captions),), generator=g)
+        modules = {"unet": unet, "text_encoder": text_encoder}
+        if stage == "sd":  # toy-sd trains its text tower with the position head beside it
+            modules["position_head"] = sd.build_position_head(text_encoder.config.hidden_size)
+            positions = torch.tensor([sd.position_class(c) for c in captions])
         opt = torch.optim.AdamW(
             [
-                {"params": unet.parameters(), "lr": sd.LR},
+                {"params": [p for k, m in modules.items() if k != "text_encoder" for p in m.parameters()]},
                 {"params": text_encoder.parameters(), "lr": sd.TEXT_LR},
             ],
+            lr=sd.LR,
             weight_decay=0.01,
         )
-        modules = {"unet": unet, "text_encoder": text_encoder}
         alphas = scheduler.alphas_cumprod
 
         def loss():
             if stage == "ip2p":
                 return sd.loss_on_batch(unet, text_encoder, scheduler, alphas, z0, ids, noise, t, cond)
-            return sd.loss_on_batch(unet, text_encoder, scheduler, alphas, z0, ids, noise, t)
+            head = modules["position_head"]
+            return sd.loss_on_batch(
+                unet, text_encoder, scheduler, alphas, z0, ids, noise, t, None, head, positions
+            )
 
         return Run(modules, opt, common.EMA(torch.nn.ModuleDict(modules), 0.999), loss, 1.0)
     if stage == "controlnet":
@@ -384,3 +391,12 @@ def test_v_prediction_with_zero_terminal_snr_trains_the_last_timestep_too(monkey
     torch.manual_seed(1)
     losses = [run.step() for _ in range(20)]
     assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+
+
+def test_the_position_head_names_a_single_objects_position_phrase_and_nothing_else():
+    assert sd.POSITION_CLASSES[sd.position_class("a red circle on the left")] == "on the left"
+    assert sd.POSITION_CLASSES[sd.position_class("a small blue square at the top on a white background")] == (
+        "at the top"
+    )
+    for caption in ("a red circle", "a red circle to the left of a blue square", "two red circles"):
+        assert sd.position_class(caption) == 0, caption

@@ -8,6 +8,14 @@ once for a fixed set of renders; c is the toy CLIP text tower's last hidden stat
 tower fine-tuned beside the UNet. Captions are dropped to the empty caption with p = 0.1
 so that classifier-free guidance (Ho & Salimans 2022) works at sampling time.
 
+The UNet's cross-attention spreads almost evenly over the 32 caption tokens, so what it
+reads is close to their mean state; toy CLIP's causal text tower, trained contrastively,
+carries colour, shape and size into that mean but not a position word (left → right moved
+it 0.025 of its norm, red → blue 0.31; `bench/bench_caption_reading.py`). A linear head on
+the mean token state that must name the caption's position phrase (cross-entropy, weight
+`POSITION_HEAD_WEIGHT`, an auxiliary task in the manner of Caruana, "Multitask Learning",
+1997) makes the tower carry it; the head is dropped at export.
+
 Two switches change the parameterisation, and every stage built on toy-sd (ip2p,
 controlnet, ip_adapter) follows whatever schedule the toy-sd it loads was saved with:
 `PREDICTION = "v_prediction"` trains v = √ᾱ_t ε − √(1−ᾱ_t) z_0 (Salimans & Ho 2022, §4),
@@ -24,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..world import POSITIONS
 from .common import (
     EMA,
     StepPlan,
@@ -47,6 +56,21 @@ CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
 PREDICTION = "epsilon"  # or "v_prediction" (Salimans & Ho 2022, v = √ᾱ ε − √(1−ᾱ) z_0)
 ZERO_TERMINAL_SNR = False  # Lin et al. 2024: rescale β so that ᾱ_T = 0, sample from trailing timesteps
+POSITION_HEAD_WEIGHT = 0.1
+POSITION_CLASSES = (None, *POSITIONS)
+
+
+def position_class(caption: str) -> int:
+    """The caption's position phrase as an index of POSITION_CLASSES (0: none, and every
+    caption of more than one object)."""
+    from ..captions import parse_caption
+
+    spec = parse_caption(caption)
+    return POSITION_CLASSES.index(spec.objects[0].position if len(spec.objects) == 1 else None)
+
+
+def build_position_head(hidden_size: int) -> torch.nn.Linear:
+    return torch.nn.Linear(hidden_size, len(POSITION_CLASSES))
 
 
 def scheduler_config() -> dict:
@@ -131,11 +155,23 @@ def build_latent_dataset(vae, path: Path, device, n: int = DATASET, seed: int = 
 
 
 def loss_on_batch(
-    unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t, image_latents=None
+    unet,
+    text_encoder,
+    noise_scheduler,
+    alphas,
+    z0,
+    ids,
+    noise,
+    t,
+    image_latents=None,
+    position_head=None,
+    positions=None,
 ) -> torch.Tensor:
     """Min-SNR-γ weighted ε- (or v-) prediction loss of one batch; `alphas` = the scheduler's ᾱ on z0's device.
 
-    `image_latents` (InstructPix2Pix) are concatenated to z_t on the channel axis."""
+    `image_latents` (InstructPix2Pix) are concatenated to z_t on the channel axis. With a
+    `position_head`, plus POSITION_HEAD_WEIGHT × its cross-entropy on the mean token state
+    against `positions` (POSITION_CLASSES indices)."""
     zt = noise_scheduler.add_noise(z0, noise, t)
     context = text_encoder(ids).last_hidden_state
     if image_latents is not None:
@@ -143,7 +179,11 @@ def loss_on_batch(
     pred = unet(zt, t, encoder_hidden_states=context).sample
     target = prediction_target(noise_scheduler, z0, noise, t)
     weight = min_snr_weight(noise_scheduler, alphas, t)
-    return (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+    loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+    if position_head is not None:
+        logits = position_head(context.mean(dim=1))
+        loss = loss + POSITION_HEAD_WEIGHT * torch.nn.functional.cross_entropy(logits, positions)
+    return loss
 
 
 def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None) -> None:
@@ -156,21 +196,26 @@ def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None
     vae = AutoencoderKL.from_pretrained(out / "toy-vae", dtype=torch.float32).to(device).eval()
     text_encoder = CLIPTextModel.from_pretrained(out / "toy-clip", dtype=torch.float32).to(device)
     unet = build_unet(text_encoder.config.hidden_size).to(device)
+    position_head = build_position_head(text_encoder.config.hidden_size).to(device)
     noise_scheduler = DDPMScheduler.from_config(scheduler_config())  # ignores DDIM-only keys
     data = build_latent_dataset(vae, work / "sd_latents.safetensors", device)
     ids_all = tokenizer(
         data["captions"], padding="max_length", truncation=True, return_tensors="pt"
     ).input_ids
+    positions_all = torch.tensor([position_class(c) for c in data["captions"]])
     empty_ids = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0]
     scale = vae.config.scaling_factor
     alphas = noise_scheduler.alphas_cumprod.to(device)
 
     opt = torch.optim.AdamW(
-        [{"params": unet.parameters(), "lr": LR}, {"params": text_encoder.parameters(), "lr": TEXT_LR}],
+        [
+            {"params": [*unet.parameters(), *position_head.parameters()], "lr": LR},
+            {"params": text_encoder.parameters(), "lr": TEXT_LR},
+        ],
         weight_decay=0.01,
     )
-    ema = EMA(torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}), decay=0.999)
-    modules = {"unet": unet, "text_encoder": text_encoder}
+    modules = {"unet": unet, "text_encoder": text_encoder, "position_head": position_head}
+    ema = EMA(torch.nn.ModuleDict(modules), decay=0.999)
     ckpt = work / "sd.safetensors"
     start = load_checkpoint(ckpt, modules, opt, ema) if ckpt.exists() else 0
     unet.train()
@@ -180,18 +225,22 @@ def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None
         g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
         index = torch.randint(0, len(ids_all), (BATCH,), generator=g)
         z0 = (data["mean"][index] + data["std"][index] * torch.randn(BATCH, 4, 8, 8, generator=g)) * scale
-        ids = ids_all[index].clone()
-        ids[torch.rand(BATCH, generator=g) < CAPTION_DROPOUT] = empty_ids
+        ids, positions = ids_all[index].clone(), positions_all[index]
+        dropped = torch.rand(BATCH, generator=g) < CAPTION_DROPOUT
+        ids[dropped], positions[dropped] = empty_ids, 0
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (BATCH,), generator=g)
-        z0, ids, noise, t = z0.to(device), ids.to(device), noise.to(device), t.to(device)
+        z0, ids, positions = z0.to(device), ids.to(device), positions.to(device)
+        noise, t = noise.to(device), t.to(device)
         decay = cosine_decay(step, plan.total)
         for group, base in zip(opt.param_groups, (LR, TEXT_LR), strict=True):
             group["lr"] = warmup_lr(step, base, 200) * decay
-        loss = loss_on_batch(unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t)
+        loss = loss_on_batch(
+            unet, text_encoder, noise_scheduler, alphas, z0, ids, noise, t, None, position_head, positions
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], 1.0)
         opt.step()
         ema.update(torch.nn.ModuleDict(modules))
         if step % 50 == 0 or step == plan.total - 1:
@@ -236,7 +285,7 @@ def write_sd_card(folder: Path, unet, steps: int, seconds: float | None = None) 
     from .cards import hardware, write_card
 
     scores = {
-        f"guidance {g:g}": geneval_for(str(folder), guidance=g, samples=2, scheduler="DDIM")
+        f"guidance {g:g}": geneval_for(str(folder), guidance=g, samples=4, scheduler="DDIM")
         for g in (1.0, DEFAULT_GUIDANCE)
     }
     scores = {k: {"overall": v["overall"], **v["per_category"]} for k, v in scores.items()}
@@ -254,7 +303,8 @@ def write_sd_card(folder: Path, unet, steps: int, seconds: float | None = None) 
             f"with p = {CAPTION_DROPOUT}; held-out colour-shape-position combos never captioned",
             "objective": f"{'v' if PREDICTION == 'v_prediction' else 'ε'}-prediction, min-SNR-γ "
             f"(γ = {MIN_SNR_GAMMA:g}), AdamW {LR:g} (text tower {TEXT_LR:g}), 200-step warm-up, cosine decay, "
-            "EMA 0.999, grad clip 1.0",
+            "EMA 0.999, grad clip 1.0; beside it a linear head on the mean caption-token state names the "
+            f"caption's position phrase (cross-entropy × {POSITION_HEAD_WEIGHT:g}; dropped at export)",
             "schedule": "SD's scaled linear β 0.00085 → 0.012"
             + (", rescaled to zero terminal SNR, trailing timesteps" if ZERO_TERMINAL_SNR else ""),
             "steps": f"{steps:,} × batch {BATCH}",
@@ -262,6 +312,6 @@ def write_sd_card(folder: Path, unet, steps: int, seconds: float | None = None) 
             **({"time": f"{seconds:.0f} s"} if seconds else {}),
             "defaults": f"DDIM, 25 steps, guidance {DEFAULT_GUIDANCE:g}",
         },
-        {"toy GenEval, 25 steps, 2 samples a prompt": scores},
+        {"toy GenEval, 25 steps, 4 samples a prompt": scores},
     )
     return scores
