@@ -4,7 +4,8 @@
                                           [--oracle-steps 0 3 6 10] [--samples 4]
 
 Toy GenEval's position score (issue 3) said that toy models put a shape wherever the seed
-put it (toy-sd did so until its recipe gained a position head: bench_caption_reading.py). This bench asks why (its first part in seconds, not a GenEval run). At the first step of
+put it (toy-sd did so until its recipe gained a position head: bench_caption_reading.py).
+This bench asks why (its first part in seconds, not a GenEval run). At the first step of
 sampling the latent is pure noise, so the model's prediction of the clean latent x̂_0 is all
 it can contribute to the layout: averaged over noises, a model that follows "on the left"
 must predict more shape on the left than for "on the right". The data says how much more:
