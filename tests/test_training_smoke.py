@@ -400,3 +400,40 @@ def test_the_position_head_names_a_single_objects_position_phrase_and_nothing_el
     )
     for caption in ("a red circle", "a red circle to the left of a blue square", "two red circles"):
         assert sd.position_class(caption) == 0, caption
+
+
+def test_clip_hard_negatives_swap_the_shape_words_and_nothing_else():
+    rng = random.Random(0)
+    for caption in ("a red circle on the left", "two blue squares", "a small triangle above a green circle"):
+        negative = clip.hard_negative(caption, rng)
+        words, swapped = caption.split(), negative.split()
+        changed = [(a, b) for a, b in zip(words, swapped, strict=True) if a != b]
+        assert changed and all(
+            a.rstrip("s") in clip.SHAPES and b.rstrip("s") in clip.SHAPES for a, b in changed
+        )
+        assert all(a.endswith("s") == b.endswith("s") for a, b in changed)
+    assert clip.hard_negative("a red shape on the left", rng).split()[1] in set(clip.COLORS) - {"red"}
+    # a caption with nothing to swap is its own negative, and counts as a positive there
+    assert clip.hard_negative("a shape", rng) == "a shape"
+    targets = clip.positives(
+        ["a shape", "a red circle"], "cpu", ["a shape", "a red circle", "a shape", "a red square"]
+    )
+    assert targets.tolist() == [[0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0]]
+
+
+def test_clip_vision_leg_trains_the_vision_tower_and_leaves_the_text_tower_bit_identical(
+    tmp_path, monkeypatch
+):
+    tokenizer = clip.stage_tokenizer(tmp_path)
+    assert clip.stage_tokenizer(tmp_path).get_vocab() == tokenizer.get_vocab()  # the saved one, on resume too
+    torch.manual_seed(0)
+    model = clip.build_model(tokenizer)
+    text_before = {k: v.clone() for k, v in model.text_model.state_dict().items()}
+    vision_before = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
+    monkeypatch.setattr(clip, "BATCH", 8)
+    losses = []
+    monkeypatch.setattr(clip, "log", lambda stage, step, total, loss: losses.append(loss))
+    clip.train_vision_tower(model, tokenizer, tmp_path, 3)
+    assert len(losses) == 2 and (tmp_path / "clip_vision.safetensors").exists()
+    assert all(torch.equal(v, model.text_model.state_dict()[k]) for k, v in text_before.items())
+    assert any(not torch.equal(v, model.vision_model.state_dict()[k]) for k, v in vision_before.items())
