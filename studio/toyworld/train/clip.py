@@ -19,7 +19,6 @@ text tower, which the diffusion models read, is the joint leg's unchanged.
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import time
@@ -35,6 +34,7 @@ from .common import (
     MAX_TOKENS,
     batch_rng,
     build_tokenizer,
+    cosine_decay,
     images_to_tensor,
     load_checkpoint,
     log,
@@ -220,7 +220,7 @@ def train_vision_tower(model, tokenizer, work: Path, steps: int) -> None:
         captions, images = sample_batch(rng, BATCH, generic_share=0.2)
         negatives = [hard_negative(c, rng) for c in captions]
         for group in opt.param_groups:
-            group["lr"] = warmup_lr(step, VISION_LR, 50) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
+            group["lr"] = warmup_lr(step, VISION_LR, 50) * cosine_decay(step, steps, floor=0.0)
         loss = vision_loss_on_batch(model, tokenizer, captions, negatives, clip_pixels(images).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
