@@ -528,6 +528,55 @@ def test_controlnet_tab_generates_from_a_canny_map(page, app, tiny_sd, tiny_cont
     assert server_tracebacks(capfd) == ""
 
 
+# ---------------------------------------------------------------- the IP-Adapter tab
+
+
+def test_ip_adapter_tab_follows_an_uploaded_reference(page, app, tmp_path, capfd):
+    """A purple triangle as the reference and a prompt naming only a place: the toy adapter
+    draws a purple triangle there (judge), stored as the reference's child."""
+    from PIL import Image
+
+    from studio.toyworld import judge
+    from studio.toyworld.render import render
+    from studio.toyworld.world import Scene, Shape
+
+    if app.model != "toy-sd":
+        pytest.skip("needs the trained toy-sd and toy-ip-adapter")
+    reference = tmp_path / "triangle.png"
+    render(Scene("gray", (Shape("triangle", "purple", 32, 32, 26),))).save(reference)
+    open_app(page, app.url)
+    page.get_by_role("tab", name="IP-Adapter").click()
+    page.wait_for_selector("#ipa-prompt textarea")
+    page.locator("#ipa-prompt textarea").fill("a shape on the left")
+    before = app.studio.gallery.count()
+
+    page.click("#ipa-generate")  # no reference yet: a message, nothing stored
+    toast(page, "IP-Adapter 1 has no reference picture").first.wait_for()
+    assert app.studio.gallery.count() == before
+
+    page.locator("#ipa-sampling").get_by_text("Sampling", exact=True).click()
+    page.get_by_label("Seed (-1: random)").last.fill("4")
+    page.locator("#ipa-unit1-references input[type=file]").set_input_files(str(reference))
+    page.locator("#ipa-unit1-references").get_by_text("triangle.png").wait_for()
+    page.click("#ipa-generate")
+    page.wait_for_function("document.querySelector('#ipa-info').innerText.includes('gallery')")
+    page.wait_for_selector("#ipa-images img")
+
+    assert app.studio.gallery.count() == before + 2  # the reference and the image
+    item = app.studio.gallery.search("a shape on the left", page_size=1).items[0]
+    stored = app.studio.gallery.get(item.parent_id)
+    assert item.technique == "ip_adapter" and stored.technique == "reference" and item.seed == 4
+    assert item.settings["units"][0]["adapter"] == "toy-ip-adapter"
+    assert item.settings["units"][0]["reference_ids"] == [stored.id]
+    assert f"child of #{stored.id}" in page.inner_text("#ipa-info")
+    with Image.open(item.image_path) as image:
+        shapes = judge.read(image.convert("RGB")).shapes
+    assert [(s.color, s.kind) for s in shapes] == [("purple", "triangle")], shapes
+    assert shapes[0].cx < 32, shapes  # on the left
+    assert page.errors == []
+    assert server_tracebacks(capfd) == ""
+
+
 # ---------------------------------------------------------------- the Evaluation tab
 
 
