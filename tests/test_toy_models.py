@@ -102,6 +102,18 @@ def test_toy_instruct_pix2pix_loads_offline_with_its_pipeline():
     assert pipe.unet.config.in_channels == 8
 
 
+def test_catalog_defaults_are_the_ones_the_cards_were_scored_with():
+    """The catalog's sampling defaults (what the tabs start from) match the stages' constants
+    that each shipped card's scores were measured at."""
+    from studio.models import load_catalog
+    from studio.toyworld.train import ip2p, sd
+
+    catalog = load_catalog()
+    assert catalog["toy-sd"].defaults["guidance"] == sd.DEFAULT_GUIDANCE
+    pix2pix = catalog["toy-instruct-pix2pix"].defaults
+    assert (pix2pix["guidance"], pix2pix["image_guidance"]) == (ip2p.GUIDANCE, ip2p.IMAGE_GUIDANCE)
+
+
 @pytest.mark.skipif(
     not (TOY_IP2P / "model_index.json").exists(), reason="toy-instruct-pix2pix not trained yet"
 )

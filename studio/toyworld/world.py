@@ -23,6 +23,7 @@ COLORS = {
     "orange": (240, 130, 30),
 }
 SHAPES = ("circle", "square", "triangle")
+COLOR_SHAPES = tuple((c, s) for c in COLORS for s in SHAPES)  # the 18 colour-shape pairs
 HELD_OUT_SHAPE = "star"  # never in the base models' training data
 ALL_SHAPES = SHAPES + (HELD_OUT_SHAPE,)
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..captions import CaptionSpec, ObjectSpec, sample_scene
 from ..render import render
-from ..world import COLORS, SHAPES
+from ..world import COLOR_SHAPES, COLORS, SHAPES
 from .common import (
     MAX_TOKENS,
     batch_rng,
@@ -270,7 +270,7 @@ def evaluate(model, tokenizer, n: int = 256) -> dict:
     sims = image_embeddings(model, clip_pixels(images)) @ text_embeddings(model, ids).T
     correct = [captions[int(j)] == captions[i] for i, j in enumerate(sims.argmax(1))]
     shuffled = torch.roll(torch.arange(n), 1)
-    classes = [(c, s) for c in COLORS for s in SHAPES]
+    classes = COLOR_SHAPES
     rng = random.Random(SEED + 200)
     truth = [rng.randrange(len(classes)) for _ in range(n)]
     scenes = [sample_scene(CaptionSpec((ObjectSpec(*classes[k]),)), rng) for k in truth]

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..captions import CaptionSpec, ObjectSpec, format_caption, sample_scene
 from ..render import render
-from ..world import BACKGROUNDS, COLORS, POSITIONS, SHAPES
+from ..world import BACKGROUNDS, COLOR_SHAPES, POSITIONS
 from .common import (
     EMA,
     StepPlan,
@@ -73,7 +73,6 @@ DATASET = 8000
 NUM_TOKENS = 4  # the plain IP-Adapter's image tokens (what load_ip_adapter builds for `proj.weight`)
 DROP = 0.05  # image, caption, and both: each dropped with this probability
 HIGH_NOISE_WEIGHT = 10.0  # cap of the 1/SNR boost of the loss at high noise
-CLASSES = [(c, s) for c in COLORS for s in SHAPES]  # the 18 colour-shape pairs
 
 
 # --------------------------------------------------------------------------- data
@@ -81,7 +80,7 @@ CLASSES = [(c, s) for c in COLORS for s in SHAPES]  # the 18 colour-shape pairs
 
 def target_scene(rng: random.Random):
     """A single-shape scene: random colour, shape, size word, position (or none), background."""
-    color, shape = rng.choice(CLASSES)
+    color, shape = rng.choice(COLOR_SHAPES)
     obj = ObjectSpec(color, shape, rng.choice(("small", "large", None)), rng.choice(POSITIONS + (None,)))
     return obj, sample_scene(CaptionSpec((obj,), background=rng.choice(list(BACKGROUNDS))), rng)
 
