@@ -7,6 +7,19 @@ from PIL import Image, ImageDraw
 
 COLORS = [(40, 90, 220), (220, 40, 40), (40, 170, 70), (140, 60, 190), (240, 130, 30), (30, 160, 170)]
 W, H, PAD = 480, 300, 48
+LINE = 12  # pixels between two stacked text lines
+# PIL's built-in font has no Greek or maths glyphs (they draw as boxes): spell them out.
+_SPELLED = str.maketrans(
+    {"λ": "lambda", "α": "alpha", "σ": "sigma", "ε": "eps", "≥": ">=", "≤": "<=", "→": "->"}
+)
+
+
+def _spelled(text: object) -> str:
+    return str(text).translate(_SPELLED)
+
+
+def _text(d: ImageDraw.ImageDraw, xy: tuple[float, float], text: object, fill) -> None:
+    d.text(xy, _spelled(text), fill=fill)
 
 
 def _frame(y_label: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -14,7 +27,7 @@ def _frame(y_label: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     d = ImageDraw.Draw(image)
     d.rectangle((PAD, PAD // 2, W - PAD // 2, H - PAD), outline="black")
     if y_label:
-        d.text((PAD + 4, 4), y_label, fill="black")
+        _text(d, (PAD + 4, 4), y_label, "black")
     return image, d
 
 
@@ -34,16 +47,22 @@ def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_lab
 
     for i in range(6):
         x, y = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
-        d.text((at(x, y0)[0] - 8, H - PAD + 4), f"{x:.3g}", fill="black")
-        d.text((4, at(x0, y)[1] - 6), f"{y:.3g}", fill="black")
+        _text(d, (at(x, y0)[0] - 8, H - PAD + 4), f"{x:.3g}", "black")
+        _text(d, (4, at(x0, y)[1] - 6), f"{y:.3g}", "black")
+    ends = []
     for (name, points), color in zip(series.items(), COLORS * 4, strict=False):
         pixels = [at(x, y) for x, y in points]
         if len(pixels) > 1:
             d.line(pixels, fill=color, width=2)
         for px, py in pixels:
             d.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
-        d.text((pixels[-1][0] - 7 * len(name), pixels[-1][1] - 14), name, fill=color)
-    d.text((W // 2 - 4 * len(x_label), H - 16), x_label, fill="black")
+        ends.append((pixels[-1][1] - 14, pixels[-1][0], _spelled(name), color))
+    below = float("-inf")  # each line's name at its end, pushed down past the one above
+    for y, x, name, color in sorted(ends):
+        below = max(y, below + LINE)
+        _text(d, (x - 7 * len(name), below), name, color)
+    x_label = _spelled(x_label)
+    _text(d, (W // 2 - 4 * len(x_label), H - 16), x_label, "black")
     return image
 
 
@@ -62,9 +81,9 @@ def bar_chart(groups: dict[str, dict[str, float]], y_label: str = "") -> Image.I
             d.rectangle(
                 (left + ni * bar, top, left + (ni + 1) * bar - 1, H - PAD), fill=COLORS[ni % len(COLORS)]
             )
-        d.text((left, H - PAD + 4 + 10 * (ci % 2)), category[:14], fill="black")
+        _text(d, (left, H - PAD + 4 + 10 * (ci % 2)), category[:14], "black")
     for ni, name in enumerate(names):  # the legend, in a row above the frame
-        d.text((W // 2 + ni * 110, 4), name[:18], fill=COLORS[ni % len(COLORS)])
+        _text(d, (W // 2 + ni * 110, 4), name[:18], COLORS[ni % len(COLORS)])
     return image
 
 
@@ -76,9 +95,9 @@ def image_grid(
     sheet = Image.new("RGB", (label * 10 + len(columns) * per_cell * side, label + len(rows) * side), "white")
     d = ImageDraw.Draw(sheet)
     for ci, column in enumerate(columns):
-        d.text((label * 10 + ci * per_cell * side + 4, 1), str(column), fill="black")
+        _text(d, (label * 10 + ci * per_cell * side + 4, 1), column, "black")
     for ri, row in enumerate(rows):
-        d.text((2, label + ri * side + side // 2 - 6), str(row)[-22:], fill="black")
+        _text(d, (2, label + ri * side + side // 2 - 6), str(row)[-22:], "black")
         for ci, column in enumerate(columns):
             cell = next(c for c in cells if c.model == row and c.value == column)
             for k, picture in enumerate(cell.images[:per_cell]):
