@@ -177,7 +177,8 @@ def main() -> None:
         type=float,
         default=3.0,
         help="λ of the prior-preservation loss (Ruiz et al. eq. 2; they use 1). On the toy-sd that reads "
-        "position words, λ = 1 let two-object and relation prompts drift 6.3 points (training seed 0); 3 holds them",
+        "position words, λ = 1 let two-object and relation prompts drift 6.3 points (training seed 0); 3 holds "
+        "them (training seeds 0 / 1 / 2: -0.3 / 3.4 / 0.5 points, against 77 without prior preservation)",
     )
     parser.add_argument(
         "--train-seeds",
