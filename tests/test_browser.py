@@ -555,7 +555,8 @@ def test_ip_adapter_tab_follows_an_uploaded_reference(page, app, tmp_path, capfd
     assert app.studio.gallery.count() == before
 
     page.locator("#ipa-sampling").get_by_text("Sampling", exact=True).click()
-    page.get_by_label("Seed (-1: random)").last.fill("4")
+    # by id: the label is shared with hidden seed fields of other tabs, and which one is last varies
+    page.locator("#ipa-seed input").fill("4")
     page.locator("#ipa-unit1-references input[type=file]").set_input_files(str(reference))
     page.locator("#ipa-unit1-references").get_by_text("triangle.png").wait_for()
     page.click("#ipa-generate")
