@@ -1,4 +1,5 @@
-"""Smoke tests of the toy-model training stages (clip, vae, sd, ip2p, sd3, controlnet).
+"""Smoke tests of the toy-model training stages (clip, vae, sd, ip2p, sd3 and its text-tuning
+phase, controlnet).
 
 For each stage, with its own model builder and loss on one fixed tiny batch: a few
 optimizer steps lower the loss (overfitting a fixed batch must), and a checkpoint saved
@@ -17,7 +18,7 @@ import torch
 
 from studio.toyworld.train import clip, common, controlnet, ip2p, sd, sd3, vae
 
-STAGES = ("clip", "vae", "sd", "ip2p", "sd3", "controlnet")
+STAGES = ("clip", "vae", "sd", "ip2p", "sd3", "sd3_text", "controlnet")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -125,6 +126,8 @@ def make_run(stage: str, tokenizer, pairs, seed: int) -> Run:
         return Run(modules, opt, common.EMA(torch.nn.ModuleDict(modules), 0.999), loss, 1.0)
     if stage == "controlnet":
         return make_controlnet_run(tokenizer, ids, z0, noise, g)
+    if stage == "sd3_text":
+        return make_sd3_text_run(tokenizer, ids, z0, noise, captions, g)
     assert stage == "sd3"
     from transformers import CLIPTextModelWithProjection
 
@@ -142,6 +145,36 @@ def make_run(stage: str, tokenizer, pairs, seed: int) -> Run:
         return sd3.loss_on_batch(transformer, z0, context, pooled, noise, t)
 
     return Run({"transformer": transformer}, opt, common.EMA(transformer, 0.999), loss, 1.0)
+
+
+def make_sd3_text_run(tokenizer, ids, z0, noise, captions, g) -> Run:
+    """toy-sd3's phase 2: both towers trained beside the transformer, with the position head."""
+    from transformers import CLIPTextModelWithProjection
+
+    towers = [CLIPTextModelWithProjection(text_config(tokenizer)) for _ in range(2)]
+    transformer = sd3.build_transformer()
+    head = sd.build_position_head(sum(t.config.hidden_size for t in towers))
+    positions = torch.tensor([sd.position_class(c) for c in captions])
+    t = torch.sigmoid(torch.randn(len(captions), generator=g))
+    sd3.collapse_padding(transformer)
+    modules = {
+        "transformer": transformer,
+        "text_encoder": towers[0],
+        "text_encoder_2": towers[1],
+        "head": head,
+    }
+    opt = torch.optim.AdamW(
+        [
+            {"params": [*transformer.parameters(), *head.parameters()], "lr": sd3.TUNE_LR},
+            {"params": [p for tower in towers for p in tower.parameters()], "lr": sd3.TEXT_LR},
+        ],
+        weight_decay=0.01,
+    )
+
+    def loss():
+        return sd3.text_tuning_loss(transformer, towers, head, z0, ids, noise, t, positions)
+
+    return Run(modules, opt, common.EMA(torch.nn.ModuleDict(modules), sd3.TUNE_EMA), loss, 1.0)
 
 
 def make_controlnet_run(tokenizer, ids, z0, noise, g) -> Run:
@@ -242,6 +275,12 @@ def test_sd3_collapsed_padding_equals_the_pipelines_full_context(tokenizer):
     context, pooled_2 = sd3.encode_captions(pipe, captions, torch.device("cpu"))
     assert full.shape[1] == 32 + sd3.T5_TOKENS and torch.equal(full[:, :32], context)
     assert torch.allclose(pooled, pooled_2, atol=1e-6)
+    ids = tokenizer(
+        captions, padding="max_length", max_length=32, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():  # phase 2 computes the same context through the trainable towers
+        tuned, tuned_pooled = sd3.clip_context(towers, ids)
+    assert torch.allclose(tuned, context, atol=1e-6) and torch.allclose(tuned_pooled, pooled, atol=1e-6)
     z, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.9])
     with torch.no_grad():
         reference = transformer(

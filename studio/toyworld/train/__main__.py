@@ -39,6 +39,9 @@ def main(argv=None) -> int:
         "with `all`, the stages that take a budget do (clip and vae keep their step counts)",
     )
     parser.add_argument("--batch", type=int, default=None, help="override the stage's batch size")
+    parser.add_argument(
+        "--text-steps", type=int, default=None, help="sd3: override the steps of its text-tuning phase"
+    )
     parser.add_argument("--force", action="store_true", help="retrain stages whose folder exists")
     parser.add_argument(
         "--ablation",
@@ -61,6 +64,10 @@ def main(argv=None) -> int:
             parser.error(f"--minutes: the {stage} stage trains a fixed number of steps (use --steps)")
         if args.batch:
             module.BATCH = args.batch
+        if args.text_steps is not None:
+            if stage != "sd3":
+                parser.error("--text-steps is a flag of the sd3 stage")
+            module.TEXT_STEPS = args.text_steps
         if args.ablation:
             if stage != "ip_adapter":
                 parser.error("--ablation is a flag of the ip_adapter stage")
