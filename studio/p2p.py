@@ -12,6 +12,15 @@ noise x_T. In every cross-attention layer the edited branch's maps M*_t (softmax
 - attention re-weighting ("reweight"): (M*_t)_{i,j} ← c · (M_t)_{i,j} for the chosen word's
   tokens j, amplifying or attenuating its effect.
 
+  CLIP's text tower is causal, so a word also lives in the state of every token after it
+  ("circle" in "a red circle" is read as a red circle's). Scaling the word's own map leaves
+  that share as it was, and a denoiser that reads the word there does not move: on toy-sd,
+  c from 0 to 8 on "red"'s own map never raised red's pixel share (0.099 → 0.026). So the
+  later states of P* are scaled too: E*_k ← E_k + (c − 1)(E_k − E'_k) for the tokens k after
+  the word, where E' encodes P* without the word, aligned token for token (the word's own
+  tokens keep E; their map carries c). At c = 1 nothing changes, at c = 0 the word is gone
+  from P* in both places, and c > 1 extrapolates its effect.
+
 Self-attention maps of the edited branch are replaced by the source's in the first
 `self_replace` share of the steps too (the released code does it; the paper's §3.2 notes it
 keeps geometry), in layers of at most 16 × 16 positions. Local blending (§3.3) keeps the
@@ -251,6 +260,26 @@ def equalizer(tokenizer, s: PromptToPromptSettings):
     return scale
 
 
+def reweighted_states(encode, tokenizer, s: PromptToPromptSettings, states):
+    """P*'s token states (1, T, dim) with each reweighted word's share in the later states
+    scaled by its factor: E + (c − 1)(E − E'), E' = `encode`(P* without the word) aligned to P*."""
+    n = tokenizer.model_max_length
+    edit_words = word_tokens(tokenizer, s.edited_prompt)
+    names = words(s.edited_prompt)
+    out = states.clone()
+    for entry in s.reweight:
+        target = normal(entry.word)
+        own = {p for name, ps in zip(names, edit_words, strict=True) if name == target for p in ps}
+        reduced = encode(" ".join(w for w in s.edited_prompt.split() if normal(w) != target))
+        aligned, j = states.clone(), 0
+        for k in range(n):
+            if k not in own:
+                aligned[:, k] = reduced[:, min(j, n - 1)]
+                j += 1
+        out = out + (entry.factor - 1.0) * (states - aligned)
+    return out * (states.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+
 def blend_tokens(tokenizer, s: PromptToPromptSettings):
     """(2, T) indicator of the local-blend words' tokens in P and in P*."""
     import torch
@@ -483,9 +512,19 @@ def run(
                 on_step(StepInfo(i + 1, s.steps, 0, 1, kw.get("latents")))
             return kw
 
-        # 5. One batched run of [P, P*] from the same noise (two generators, one seed).
+        # 5. Reweighted words: their share in P*'s later token states scaled as well.
+        prompts = {"prompt": [s.prompt, s.edited_prompt]}
+        if s.reweight:
+
+            def encode(text):
+                return pipe.encode_prompt(text, pipe._execution_device, 1, False)[0]
+
+            edited = reweighted_states(encode, pipe.tokenizer, s, encode(s.edited_prompt))
+            prompts = {"prompt_embeds": torch.cat([encode(s.prompt), edited])}
+
+        # 6. One batched run of [P, P*] from the same noise (two generators, one seed).
         output = pipe(
-            prompt=[s.prompt, s.edited_prompt],
+            **prompts,
             negative_prompt=[s.negative_prompt] * 2 if s.negative_prompt else None,
             num_inference_steps=s.steps,
             guidance_scale=s.guidance,
@@ -498,7 +537,7 @@ def run(
             pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer.encode(text))
             for text in (s.prompt, s.edited_prompt)
         ]
-    # 6. Per-token heat maps over each image: what every word attended to.
+    # 7. Per-token heat maps over each image: what every word attended to.
     maps = controller.mean_maps()
     source, edited = output.images
     result = Result(settings=s, images=[source, edited], seeds=[s.seed, s.seed], family=family)

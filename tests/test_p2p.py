@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, TOY_SD
 
-from studio.p2p import PromptToPromptSettings, Reweight, alignment, equalizer, run
+from studio.p2p import PromptToPromptSettings, Reweight, alignment, equalizer, reweighted_states, run
 from studio.pngmeta import read_png
 from studio.progress import Cancelled
 from studio.registry import settings_from_dict
@@ -74,6 +74,48 @@ def test_reweight_scales_only_the_words_tokens(tokenizer):
     s = PromptToPromptSettings(prompt="a red circle", mode="reweight", reweight=(Reweight("red", 3.0),))
     scale = equalizer(tokenizer, s)
     assert scale[2] == 3.0 and float(scale.sum()) == pytest.approx(tokenizer.model_max_length + 2.0)
+
+
+def test_reweight_scales_the_words_share_of_the_later_causal_states(tokenizer):
+    """c = 1 changes nothing; c = 0 gives the tokens after the word the states of the prompt
+    without it (aligned, at the prompt's norms); the tokens before it never change."""
+    import torch
+    from transformers import CLIPTextModel
+
+    tower = CLIPTextModel.from_pretrained(ROOT / "assets" / "models" / "toy-clip").eval()
+
+    def encode(text):
+        ids = tokenizer(text, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return tower(ids).last_hidden_state
+
+    prompt = "a red circle on the left"
+    states = encode(prompt)
+
+    def reweighted(factor):
+        s = PromptToPromptSettings(prompt=prompt, mode="reweight", reweight=(Reweight("red", factor),))
+        return reweighted_states(encode, tokenizer, s, states)
+
+    assert torch.allclose(reweighted(1.0), states, atol=1e-6)
+    gone, without = reweighted(0.0), encode("a circle on the left")
+    assert torch.allclose(gone[:, :3], states[:, :3], atol=1e-6)  # BOS, "a", and "red" itself
+    cosine = torch.nn.functional.cosine_similarity(gone[0, 3:], without[0, 2:-1], dim=-1)
+    assert cosine.min() > 0.9999
+    assert torch.allclose(gone.norm(dim=-1), states.norm(dim=-1), rtol=1e-5)
+    assert not torch.allclose(reweighted(2.0)[:, 3:], states[:, 3:], atol=1e-3)
+
+
+@needs_toy_sd
+def test_reweighting_a_colour_word_to_zero_takes_its_colour_away(manager):
+    """The pixel share of red follows "red"'s factor up to 1 (the circle is then all red, and
+    P2P keeps its outline, so larger factors cannot add more)."""
+    from studio.toyworld.p2p_eval import reweight_sweep
+
+    shares = reweight_sweep(
+        manager, "toy-sd", "a red circle on a white background", "red", (0.0, 0.5, 1.0), seeds=range(4)
+    )
+    assert shares[0.0] < 0.01 < shares[0.5] <= shares[1.0] + 0.01, shares
+    assert shares[1.0] > 0.05, shares
 
 
 # --------------------------------------------------------------------------- refusals
