@@ -163,13 +163,7 @@ def make_sd3_text_run(tokenizer, ids, z0, noise, captions, g) -> Run:
         "text_encoder_2": towers[1],
         "head": head,
     }
-    opt = torch.optim.AdamW(
-        [
-            {"params": [*transformer.parameters(), *head.parameters()], "lr": sd3.TUNE_LR},
-            {"params": [p for tower in towers for p in tower.parameters()], "lr": sd3.TEXT_LR},
-        ],
-        weight_decay=0.01,
-    )
+    opt = sd3.build_tuning_optimizer(transformer, towers, head)
 
     def loss():
         return sd3.text_tuning_loss(transformer, towers, head, z0, ids, noise, t, positions)

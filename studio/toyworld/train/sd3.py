@@ -102,6 +102,17 @@ def build_optimizer(transformer) -> torch.optim.Optimizer:
     return torch.optim.AdamW(transformer.parameters(), lr=LR, weight_decay=0.01)
 
 
+def build_tuning_optimizer(transformer, towers, position_head) -> torch.optim.Optimizer:
+    """Phase 2's: the transformer and the head at TUNE_LR, the towers at TEXT_LR."""
+    return torch.optim.AdamW(
+        [
+            {"params": [*transformer.parameters(), *position_head.parameters()], "lr": TUNE_LR},
+            {"params": [p for tower in towers for p in tower.parameters()], "lr": TEXT_LR},
+        ],
+        weight_decay=0.01,
+    )
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -213,6 +224,19 @@ def loss_on_batch(transformer, z0, clip_context, pooled, noise, t) -> torch.Tens
 # --------------------------------------------------------------------------- data
 
 
+def draw_batch(g: torch.Generator, data: dict, latent_factors: tuple[float, float]):
+    """One step's draws from `g`, in a fixed order: BATCH render indices, their latents z_0
+    (sampled from the stored posteriors, SD3-normalised), which captions are dropped, the
+    noise ε and the logit-normal times t."""
+    shift, scale = latent_factors
+    index = torch.randint(0, len(data["captions"]), (BATCH,), generator=g)
+    z0 = (data["mean"][index] + data["std"][index] * torch.randn(BATCH, 4, 8, 8, generator=g) - shift) * scale
+    dropped = torch.rand(BATCH, generator=g) < CAPTION_DROPOUT
+    noise = torch.randn(z0.shape, generator=g)
+    t = torch.sigmoid(torch.randn(BATCH, generator=g) * LOGIT_STD + LOGIT_MEAN)
+    return index, z0, dropped, noise, t
+
+
 @torch.no_grad()
 def measure_latent_factors(vae, device, n: int = 512) -> tuple[float, float]:
     """SD3's (shift_factor, scaling_factor): the latents' mean, and 1 / their std after shifting."""
@@ -312,14 +336,9 @@ def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None
     plan = StepPlan(start if (work / "sd3_text.safetensors").exists() else steps, budget)
     for step in plan.run(start):
         g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
-        index = torch.randint(0, len(caption_rows), (BATCH,), generator=g)
-        z0 = (
-            data["mean"][index] + data["std"][index] * torch.randn(BATCH, 4, 8, 8, generator=g) - shift
-        ) * scale
+        index, z0, dropped, noise, t = draw_batch(g, data, (shift, scale))
         rows = caption_rows[index].clone()
-        rows[torch.rand(BATCH, generator=g) < CAPTION_DROPOUT] = empty
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.sigmoid(torch.randn(BATCH, generator=g) * LOGIT_STD + LOGIT_MEAN)
+        rows[dropped] = empty
         rows = rows.to(device)
         decay = cosine_decay(step, plan.total)
         for group in opt.param_groups:
@@ -366,7 +385,6 @@ def tune_text(work: Path, transformer, towers, tokenizer, data, latent_factors, 
     from .sd import build_position_head, position_class
 
     started = time.time()
-    shift, scale = latent_factors
     captions = data["captions"]
     encode = dict(
         padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -377,13 +395,7 @@ def tune_text(work: Path, transformer, towers, tokenizer, data, latent_factors, 
     head = build_position_head(sum(t.config.hidden_size for t in towers)).to(device)
     for tower in towers:
         tower.requires_grad_(True).train()
-    opt = torch.optim.AdamW(
-        [
-            {"params": [*transformer.parameters(), *head.parameters()], "lr": TUNE_LR},
-            {"params": [p for tower in towers for p in tower.parameters()], "lr": TEXT_LR},
-        ],
-        weight_decay=0.01,
-    )
+    opt = build_tuning_optimizer(transformer, towers, head)
     modules = {
         "transformer": transformer,
         "text_encoder": towers[0],
@@ -397,15 +409,9 @@ def tune_text(work: Path, transformer, towers, tokenizer, data, latent_factors, 
     transformer.train()
     for step in range(start, TEXT_STEPS):
         g = torch.Generator().manual_seed((SEED + 1) * 1_000_003 + step)
-        index = torch.randint(0, len(captions), (BATCH,), generator=g)
-        z0 = (
-            data["mean"][index] + data["std"][index] * torch.randn(BATCH, 4, 8, 8, generator=g) - shift
-        ) * scale
+        index, z0, dropped, noise, t = draw_batch(g, data, latent_factors)
         ids, positions = ids_all[index].clone(), positions_all[index].clone()
-        dropped = torch.rand(BATCH, generator=g) < CAPTION_DROPOUT
         ids[dropped], positions[dropped] = empty_ids, 0
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.sigmoid(torch.randn(BATCH, generator=g) * LOGIT_STD + LOGIT_MEAN)
         decay = cosine_decay(step, TEXT_STEPS)
         for group, base in zip(opt.param_groups, (TUNE_LR, TEXT_LR), strict=True):
             group["lr"] = warmup_lr(step, base, TUNE_WARMUP) * decay
