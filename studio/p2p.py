@@ -18,8 +18,9 @@ noise x_T. In every cross-attention layer the edited branch's maps M*_t (softmax
   c from 0 to 8 on "red"'s own map never raised red's pixel share (0.099 → 0.026). So the
   later states of P* are scaled too: E*_k ← E_k + (c − 1)(E_k − E'_k) for the tokens k after
   the word, where E' encodes P* without the word, aligned token for token (the word's own
-  tokens keep E; their map carries c). At c = 1 nothing changes, at c = 0 the word is gone
-  from P* in both places, and c > 1 extrapolates its effect.
+  tokens keep E; their map carries c), each state then rescaled to ‖E_k‖ (an unscaled
+  extrapolation left the picture at c ≥ 4). At c = 1 nothing changes, at c = 0 the word is
+  gone from P* in both places, and c > 1 extrapolates its effect.
 
 Self-attention maps of the edited branch are replaced by the source's in the first
 `self_replace` share of the steps too (the released code does it; the paper's §3.2 notes it
@@ -262,7 +263,8 @@ def equalizer(tokenizer, s: PromptToPromptSettings):
 
 def reweighted_states(encode, tokenizer, s: PromptToPromptSettings, states):
     """P*'s token states (1, T, dim) with each reweighted word's share in the later states
-    scaled by its factor: E + (c − 1)(E − E'), E' = `encode`(P* without the word) aligned to P*."""
+    scaled by its factor: E + (c − 1)(E − E'), E' = `encode`(P* without the word) aligned to P*,
+    each token's state then rescaled to its norm in E."""
     n = tokenizer.model_max_length
     edit_words = word_tokens(tokenizer, s.edited_prompt)
     names = words(s.edited_prompt)
@@ -519,8 +521,10 @@ def run(
             def encode(text):
                 return pipe.encode_prompt(text, pipe._execution_device, 1, False)[0]
 
-            edited = reweighted_states(encode, pipe.tokenizer, s, encode(s.edited_prompt))
-            prompts = {"prompt_embeds": torch.cat([encode(s.prompt), edited])}
+            source = encode(s.prompt)
+            edited = source if s.edited_prompt == s.prompt else encode(s.edited_prompt)
+            edited = reweighted_states(encode, pipe.tokenizer, s, edited)
+            prompts = {"prompt_embeds": torch.cat([source, edited])}
 
         # 6. One batched run of [P, P*] from the same noise (two generators, one seed).
         output = pipe(
