@@ -10,7 +10,8 @@ seed, side by side on the same cases, at the model's default replace fractions (
 self-attention share was chosen on the cases of `p2p_eval.EVAL_SEED`; the default --case-seed
 draws other ones), then again with local blending on the object's words at each threshold
 (0.3 is the paper's; 0.5 was chosen on the cases of `p2p_eval.EVAL_SEED`); and the pixel
-share of a colour against its word's reweighting factor (mean over seeds), drawn as a PNG.
+share of a colour against its word's reweighting factor (mean and standard error over seeds,
+and the shapes the judge reads), drawn as a PNG.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-FACTORS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+FACTORS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 REWEIGHT_PROMPTS = {
     "a red circle on a white background": "red",
     "a red shape and a blue shape on a white background": "red",
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--model", default="toy-sd")
     parser.add_argument("--swaps", type=int, default=100)
     parser.add_argument("--case-seed", type=int, default=9100, help="draws the swap cases")
-    parser.add_argument("--seeds", type=int, default=8, help="seeds per reweighting factor")
+    parser.add_argument("--seeds", type=int, default=16, help="seeds per reweighting factor")
     parser.add_argument("--blend-thresholds", type=float, nargs="*", default=[0.3, 0.5])
     parser.add_argument("--plot", type=Path, default=Path("bench/p2p_reweight.png"))
     args = parser.parse_args()
@@ -65,7 +66,10 @@ def main() -> None:
         )
     report["seconds"] = round(time.perf_counter() - started, 1)
     line_chart(
-        {key.split(" on a")[0]: list(shares.items()) for key, shares in report["reweight"].items()},
+        {
+            key.split(" on a")[0]: [(factor, row["share"]) for factor, row in sweep.items()]
+            for key, sweep in report["reweight"].items()
+        },
         "reweight factor of 'red'",
         "red pixel share",
     ).save(args.plot)

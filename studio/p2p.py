@@ -17,10 +17,13 @@ noise x_T. In every cross-attention layer the edited branch's maps M*_t (softmax
   that share as it was, and a denoiser that reads the word there does not move: on toy-sd,
   c from 0 to 8 on "red"'s own map never raised red's pixel share (0.099 → 0.026). So the
   later states of P* are scaled too: E*_k ← E_k + (c − 1)(E_k − E'_k) for the tokens k after
-  the word, where E' encodes P* without the word, aligned token for token (the word's own
-  tokens keep E; their map carries c), each state then rescaled to ‖E_k‖ (an unscaled
-  extrapolation left the picture at c ≥ 4). At c = 1 nothing changes, at c = 0 the word is
-  gone from P* in both places, and c > 1 extrapolates its effect.
+  the word, where E' encodes P* without the word, aligned token for token, each state then
+  rescaled to ‖E_k‖ (an unscaled extrapolation left the picture at c ≥ 4). At c = 1 nothing
+  changes, at c = 0 the word is gone from P* in both places, and c > 1 extrapolates its
+  effect through those states alone: the own map takes min(c, 1). On toy-sd, c > 1 on the
+  own map shrank the word's object (red share of "a red circle" 0.091 at c = 1, 0.077 at
+  c = 8, 24 seeds); with the own map held at 1 it is 0.090 at c = 2 and 0.100 at c = 8, the
+  extra red coming as new red shapes (1.7 shapes an image at c = 4).
 
 Self-attention maps of the edited branch are replaced by the source's in the first
 `self_replace` share of the steps too (the released code does it; the paper's §3.2 notes it
@@ -248,7 +251,8 @@ def alignment(tokenizer, s: PromptToPromptSettings):
 
 
 def equalizer(tokenizer, s: PromptToPromptSettings):
-    """c per edited token: the reweight factors on their words' tokens, 1 elsewhere."""
+    """c per edited token's own map: min(c, 1) on the reweighted words' tokens, 1 elsewhere
+    (c > 1 acts through the later token states alone: `reweighted_states`)."""
     import torch
 
     scale = torch.ones(tokenizer.model_max_length)
@@ -257,7 +261,7 @@ def equalizer(tokenizer, s: PromptToPromptSettings):
     for entry in s.reweight:
         for name, positions in zip(names, edit_words, strict=True):
             if name == normal(entry.word):
-                scale[positions] = entry.factor
+                scale[positions] = min(entry.factor, 1.0)
     return scale
 
 

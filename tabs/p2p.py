@@ -47,8 +47,8 @@ from .txt2img import MODEL_DEFAULT
 MODE_HELP = {
     "replace": "swap words one for one: a red **circle** → a red **square**",
     "refine": "add words: a circle → a **large blue** circle",
-    "reweight": "same prompt, one word's weight scaled (its attention map and its share in the later "
-    "token states): leave the edit prompt empty",
+    "reweight": "same prompt, one word's weight scaled (its share in the later token states; below 1 "
+    "its attention map too): leave the edit prompt empty",
 }
 
 
@@ -146,7 +146,7 @@ def build(studio, bus: Bus) -> P2PTab:
                 reweight = gr.Textbox(
                     label="Reweight",
                     placeholder="red:3",
-                    info="WORD:FACTOR, comma separated: scales that word's attention and its share in later tokens",
+                    info="WORD:FACTOR, comma separated: 0 takes the word away, below 1 weakens it, above 1 strengthens it",
                     elem_id="p2p-reweight",
                 )
             with gr.Accordion("Sampling", open=False):

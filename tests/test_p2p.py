@@ -70,10 +70,13 @@ def test_a_word_of_other_token_length_spreads_its_map(tokenizer):
     assert alphas.min() == 1
 
 
-def test_reweight_scales_only_the_words_tokens(tokenizer):
+def test_a_words_own_map_takes_its_factor_only_when_it_attenuates(tokenizer):
     s = PromptToPromptSettings(prompt="a red circle", mode="reweight", reweight=(Reweight("red", 3.0),))
     scale = equalizer(tokenizer, s)
-    assert scale[2] == 3.0 and float(scale.sum()) == pytest.approx(tokenizer.model_max_length + 2.0)
+    assert float(scale.sum()) == pytest.approx(tokenizer.model_max_length)  # c > 1: the later states only
+    s = s.replace(reweight=(Reweight("red", 0.5),))
+    scale = equalizer(tokenizer, s)
+    assert scale[2] == 0.5 and float(scale.sum()) == pytest.approx(tokenizer.model_max_length - 0.5)
 
 
 def test_reweight_scales_the_words_share_of_the_later_causal_states(tokenizer):
@@ -106,16 +109,18 @@ def test_reweight_scales_the_words_share_of_the_later_causal_states(tokenizer):
 
 
 @needs_toy_sd
-def test_reweighting_a_colour_word_to_zero_takes_its_colour_away(manager):
-    """The pixel share of red follows "red"'s factor up to 1 (the circle is then all red, and
-    P2P keeps its outline, so larger factors cannot add more)."""
+def test_reweighting_a_colour_word_moves_its_colour_share_with_the_factor(manager):
+    """The pixel share of red follows "red"'s factor up to 1 (the circle is then all red), and
+    a larger factor never takes red away."""
     from studio.toyworld.p2p_eval import reweight_sweep
 
-    shares = reweight_sweep(
-        manager, "toy-sd", "a red circle on a white background", "red", (0.0, 0.5, 1.0), seeds=range(4)
+    sweep = reweight_sweep(
+        manager, "toy-sd", "a red circle on a white background", "red", (0.0, 0.5, 1.0, 4.0), seeds=range(4)
     )
-    assert shares[0.0] < 0.01 < shares[0.5] <= shares[1.0] + 0.01, shares
-    assert shares[1.0] > 0.05, shares
+    shares = {factor: row["share"] for factor, row in sweep.items()}
+    assert shares[0.0] < 0.01 < shares[0.5] <= shares[1.0] + 0.01, sweep
+    assert shares[1.0] > 0.05, sweep
+    assert shares[4.0] >= shares[1.0], sweep
 
 
 # --------------------------------------------------------------------------- refusals

@@ -9,7 +9,8 @@
   With `local_blend`, each case is blended on its object's words (Hertz et al. §3.3):
   the old and the new shape word for a shape swap, the shape word for a colour swap.
 * `reweight_sweep`: one prompt, one colour word, its attention factor swept; the share of
-  the picture's pixels nearest to that colour, averaged over seeds.
+  the picture's pixels nearest to that colour (mean and standard error over seeds), and
+  how many shapes the judge reads (a share can also grow by shapes the prompt never named).
 """
 
 from __future__ import annotations
@@ -145,13 +146,14 @@ def color_share(image, color: str) -> float:
 
 def reweight_sweep(
     manager, model: str, prompt: str, word: str, factors, seeds, share_of: str | None = None, **settings
-) -> dict[float, float]:
-    """Mean share of `word`'s colour in the reweighted image, per factor."""
+) -> dict[float, dict[str, float]]:
+    """Per factor: the mean `share` of `word`'s colour in the reweighted image, its standard
+    error `se` over the seeds, and the mean number of `shapes` the judge reads."""
     from ..p2p import PromptToPromptSettings, Reweight, run
 
-    shares = {}
+    sweep = {}
     for factor in factors:
-        values = []
+        shares, shapes = [], []
         for seed in seeds:
             s = PromptToPromptSettings(
                 prompt=prompt,
@@ -161,6 +163,12 @@ def reweight_sweep(
                 seed=seed,
                 **settings,
             )
-            values.append(color_share(run(s, manager).images[1], share_of or word))
-        shares[float(factor)] = round(float(np.mean(values)), 4)
-    return shares
+            image = run(s, manager).images[1]
+            shares.append(color_share(image, share_of or word))
+            shapes.append(len(read(image).shapes))
+        sweep[float(factor)] = {
+            "share": round(float(np.mean(shares)), 4),
+            "se": round(float(np.std(shares, ddof=1) / np.sqrt(len(shares))) if len(shares) > 1 else 0.0, 4),
+            "shapes": round(float(np.mean(shapes)), 2),
+        }
+    return sweep
