@@ -11,7 +11,7 @@ self-attention share was chosen on the cases of `p2p_eval.EVAL_SEED`; the defaul
 draws other ones), then again with local blending on the object's words at each threshold
 (0.3 is the paper's; 0.5 was chosen on the cases of `p2p_eval.EVAL_SEED`); and the pixel
 share of a colour against its word's reweighting factor (mean and standard error over seeds,
-and the shapes the judge reads), drawn as a PNG.
+its rise from the previous factor seed by seed, and the shapes the judge reads), drawn as a PNG.
 """
 
 from __future__ import annotations

@@ -147,11 +147,12 @@ def color_share(image, color: str) -> float:
 def reweight_sweep(
     manager, model: str, prompt: str, word: str, factors, seeds, share_of: str | None = None, **settings
 ) -> dict[float, dict[str, float]]:
-    """Per factor: the mean `share` of `word`'s colour in the reweighted image, its standard
-    error `se` over the seeds, and the mean number of `shapes` the judge reads."""
+    """Per factor: the mean `share` of `word`'s colour in the reweighted image and its standard
+    error `se` over the seeds, the mean number of `shapes` the judge reads, and from the second
+    factor on the `rise` of the share from the previous factor, seed by seed, with its `rise_se`."""
     from ..p2p import PromptToPromptSettings, Reweight, run
 
-    sweep = {}
+    sweep, previous = {}, None
     for factor in factors:
         shares, shapes = [], []
         for seed in seeds:
@@ -166,9 +167,15 @@ def reweight_sweep(
             image = run(s, manager).images[1]
             shares.append(color_share(image, share_of or word))
             shapes.append(len(read(image).shapes))
-        sweep[float(factor)] = {
-            "share": round(float(np.mean(shares)), 4),
-            "se": round(float(np.std(shares, ddof=1) / np.sqrt(len(shares))) if len(shares) > 1 else 0.0, 4),
-            "shapes": round(float(np.mean(shapes)), 2),
-        }
+        shares = np.array(shares)
+        row = {"share": round(float(shares.mean()), 4), "se": _standard_error(shares)}
+        row["shapes"] = round(float(np.mean(shapes)), 2)
+        if previous is not None:
+            row["rise"] = round(float((shares - previous).mean()), 4)
+            row["rise_se"] = _standard_error(shares - previous)
+        sweep[float(factor)], previous = row, shares
     return sweep
+
+
+def _standard_error(values: np.ndarray) -> float:
+    return round(float(values.std(ddof=1) / np.sqrt(len(values))), 4) if len(values) > 1 else 0.0
