@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -358,8 +357,10 @@ def paired_standard_error(base: list[bool], trained: list[bool]) -> float:
 
 
 def standard_error(values: list[float]) -> float:
-    """The standard error of the mean of `values` (sample standard deviation / √n)."""
-    return round(statistics.stdev(values) / len(values) ** 0.5, 3)
+    """`metrics.standard_error` of `values`, to 3 places."""
+    from studio.metrics import standard_error
+
+    return round(standard_error(values), 3)
 
 
 def fused_difference(models, lora_file: Path) -> int:

@@ -1,4 +1,5 @@
-"""Image-set metrics: Fréchet distance (FID) and CLIP-Score, over the features a model gives.
+"""Image-set metrics: Fréchet distance (FID) and CLIP-Score, over the features a model gives,
+and the standard error that goes beside a mean over samples.
 
 FID (Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
 Equilibrium", NeurIPS 2017, eq. 6): the Fréchet distance between Gaussians fitted to two
@@ -18,6 +19,7 @@ CLIP-Score (Hessel et al., "CLIPScore", EMNLP 2021, as torchmetrics reports it):
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,11 @@ class FID:
     n_b: int
     features: str  # which feature space: FIDs over different ones can't be compared
     warning: str = ""
+
+
+def standard_error(values) -> float:
+    """The standard error of the mean of `values`: sample standard deviation / √n (n ≥ 2)."""
+    return statistics.stdev(values) / len(values) ** 0.5
 
 
 def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -168,14 +168,17 @@ def reweight_sweep(
             shares.append(color_share(image, share_of or word))
             shapes.append(len(read(image).shapes))
         shares = np.array(shares)
-        row = {"share": round(float(shares.mean()), 4), "se": _standard_error(shares)}
+        row = {"share": round(float(shares.mean()), 4), "se": _rounded_error(shares)}
         row["shapes"] = round(float(np.mean(shapes)), 2)
         if previous is not None:
             row["rise"] = round(float((shares - previous).mean()), 4)
-            row["rise_se"] = _standard_error(shares - previous)
+            row["rise_se"] = _rounded_error(shares - previous)
         sweep[float(factor)], previous = row, shares
     return sweep
 
 
-def _standard_error(values: np.ndarray) -> float:
-    return round(float(values.std(ddof=1) / np.sqrt(len(values))), 4) if len(values) > 1 else 0.0
+def _rounded_error(values: np.ndarray) -> float:
+    """`metrics.standard_error` to 4 places; 0 for a single seed."""
+    from ..metrics import standard_error
+
+    return round(standard_error(values.tolist()), 4) if len(values) > 1 else 0.0
