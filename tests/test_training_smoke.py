@@ -9,6 +9,7 @@ optimizer state exactly, so that the next step equals the uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -306,6 +307,61 @@ def test_sd3_export_loads_and_generates(tokenizer, tmp_path):
     image = loaded("a red circle", num_inference_steps=2, generator=generator).images[0]
     assert image.size == (64, 64)
     assert (tmp_path / "toy-sd3" / "README.md").exists()
+
+
+def test_sd3_composite_tuning_draws_captions_of_several_objects_three_times_as_often():
+    captions = ["a red circle", "a red circle to the left of a blue square", "three red circles", "a square"]
+    weights = sd3.composite_weights(captions, sd3.COMPOSITE_WEIGHT)
+    assert weights.tolist() == [1.0, 3.0, 3.0, 1.0]
+    data = {"captions": captions, "mean": torch.zeros(4, 4, 8, 8), "std": torch.ones(4, 4, 8, 8)}
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.cat([sd3.draw_batch(g, data, (0.0, 1.0), weights)[0] for _ in range(100)])
+    composite = ((drawn == 1) | (drawn == 2)).float().mean().item()
+    assert abs(composite - 0.75) < 0.02, composite  # 6 of 8 weight units
+    uniform = torch.cat([sd3.draw_batch(g, data, (0.0, 1.0))[0] for _ in range(100)])
+    assert abs(((uniform == 1) | (uniform == 2)).float().mean().item() - 0.5) < 0.02
+
+
+def test_sd3_tune_shipped_tunes_the_exported_model_in_place_and_it_still_loads(tokenizer, tmp_path):
+    """`python -m studio.toyworld.train sd3 --tune-shipped`: phase 3 alone, on an exported toy-sd3."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    towers = [CLIPTextModelWithProjection(text_config(tokenizer)).eval() for _ in range(2)]
+    autoencoder = vae.build_model()
+    autoencoder.register_to_config(shift_factor=0.1, scaling_factor=0.9)
+    pipe = sd3.build_pipeline(sd3.build_transformer(), autoencoder, towers[0], towers[1], tokenizer)
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    sd3.export(out, pipe, {"data": "none"})
+    captions, _ = common.sample_batch(random.Random(1), 8)
+    save_file(
+        {"mean": torch.randn(8, 4, 8, 8), "std": torch.ones(8, 4, 8, 8) * 0.1},
+        work / "sd3_latents.safetensors",
+    )
+    (work / "sd3_latents.json").write_text(json.dumps(captions))
+    weights = out / "toy-sd3" / "transformer" / "diffusion_pytorch_model.safetensors"
+    vae_weights = out / "toy-sd3" / "vae" / "diffusion_pytorch_model.safetensors"
+    before, vae_before = load_file(weights), vae_weights.read_bytes()
+    sd3.tune_shipped(work, out, steps=3)
+    after = load_file(weights)
+    assert (
+        any(not torch.equal(before[k], after[k]) for k in before)
+        and after[next(iter(after))].dtype == torch.float16
+    )
+    assert vae_weights.read_bytes() == vae_before
+    config = json.loads((out / "toy-sd3" / "transformer" / "config.json").read_text())
+    assert "_name_or_path" not in config and config["num_layers"] == 6
+    assert (work / "sd3_compose.safetensors").exists()  # resumable
+    loaded = StableDiffusion3Pipeline.from_pretrained(
+        out / "toy-sd3", dtype=torch.float32, text_encoder_3=None, tokenizer_3=None
+    )
+    image = loaded("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[
+        0
+    ]
+    assert image.size == (64, 64)
 
 
 def test_ip2p_widened_unet_starts_as_the_text_to_image_unet(tokenizer):

@@ -42,6 +42,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--text-steps", type=int, default=None, help="sd3: override the steps of its text-tuning phase"
     )
+    parser.add_argument(
+        "--tune-shipped",
+        action="store_true",
+        help="sd3: run only its composite-tuning phase, on the toy-sd3 in --out (--steps / --minutes size it)",
+    )
     parser.add_argument("--force", action="store_true", help="retrain stages whose folder exists")
     parser.add_argument(
         "--ablation",
@@ -72,7 +77,12 @@ def main(argv=None) -> int:
             if stage != "ip_adapter":
                 parser.error("--ablation is a flag of the ip_adapter stage")
             kwargs["ablation"] = True
-        module.train(args.work, args.out, **kwargs)
+        if args.tune_shipped:
+            if stage != "sd3":
+                parser.error("--tune-shipped is a flag of the sd3 stage")
+            module.tune_shipped(args.work, args.out, **kwargs)
+        else:
+            module.train(args.work, args.out, **kwargs)
         print(f"[{stage}] done in {time.time() - started:.0f} s", flush=True)
     return 0
 

@@ -16,13 +16,17 @@ start as the toy CLIP text tower with its projection) concatenated on features, 
 by `max_sequence_length` (256) zero tokens, and the two pooled projections concatenated.
 Captions are dropped to the empty caption with p = 0.1 for classifier-free guidance.
 
-Training has two phases. In the first the towers are frozen, so c is computed once per
+Training has three phases. In the first the towers are frozen, so c is computed once per
 distinct caption by calling that very method. Toy CLIP, trained contrastively, barely
 moves with a position word (`bench/bench_caption_reading.py`), so a transformer that
-reads it frozen places shapes at random. In the second phase (`tune_text`) both towers
+reads it frozen places shapes at random. In the second phase (`text_tuning`) both towers
 are trained beside the transformer, with toy-sd's auxiliary position head on the mean of
 c's CLIP tokens (`sd.build_position_head`, cross-entropy × `sd.POSITION_HEAD_WEIGHT`;
-dropped at export), as toy-sd trains its one tower.
+dropped at export), as toy-sd trains its one tower. The third (`composite_tuning`) is
+the second again at a lower rate, with the captions of two or more objects (pairs,
+relations, counts) drawn COMPOSITE_WEIGHT times as often: after phase 2 those are the
+categories the model fails (toy GenEval two objects 0.375, relation 0.146, counting
+0.438, single object 0.979). `tune_shipped` runs this phase alone on an exported model.
 
 The 256 zero tokens are identical and stay identical through every joint block (each
 token is only normalised, modulated, attended from and passed through MLPs on its own),
@@ -37,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,12 +71,19 @@ CAPTION_DROPOUT = 0.1
 LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
 # The pipeline's default `max_sequence_length`: the number of T5 (here zero) tokens.
 T5_TOKENS = 256
-# Phase 2 (`tune_text`): ≈ 0.63 s a step at batch 64 on 2 CPU cores, ~47 min.
+# Phase 2 (`text_tuning`): ≈ 0.63 s a step at batch 64 on 2 CPU cores, ~47 min.
 TEXT_STEPS = 4500
 TUNE_LR = 2e-4
 TEXT_LR = 1e-4
 TUNE_WARMUP = 100
 TUNE_EMA = 0.998
+# Phase 3 (`composite_tuning`): the same tuning with the captions of two or more objects
+# (pairs, relations, counts) drawn COMPOSITE_WEIGHT times as often as single-object ones;
+# ≈ 0.58 s a step at batch 64 on 2 CPU cores, ~116 min.
+COMPOSE_STEPS = 12_020
+COMPOSE_LR = 1.5e-4
+COMPOSE_TEXT_LR = 5e-5
+COMPOSITE_WEIGHT = 3.0
 # Inference-time timestep shift (σ → shift·σ / (1 + (shift - 1)·σ)). SD3 uses 3.0 at
 # 1024² (4,096 latent patches), where neighbouring pixels share so much signal that more
 # noise is needed to wipe it out (paper §5.3.2, shift ∝ √(resolution)). An 8 × 8 latent of
@@ -102,12 +114,46 @@ def build_optimizer(transformer) -> torch.optim.Optimizer:
     return torch.optim.AdamW(transformer.parameters(), lr=LR, weight_decay=0.01)
 
 
-def build_tuning_optimizer(transformer, towers, position_head) -> torch.optim.Optimizer:
-    """Phase 2's: the transformer and the head at TUNE_LR, the towers at TEXT_LR."""
+@dataclass(frozen=True)
+class Tuning:
+    """A phase that trains both towers beside the transformer, with the position head."""
+
+    name: str
+    steps: int
+    lr: float  # the transformer's and the head's
+    text_lr: float  # the towers'
+    seed: int  # its batches are drawn from seed * 1_000_003 + step
+    checkpoint: str  # file in the work folder it resumes from
+    composite_weight: float = 1.0  # how much more often captions of 2+ objects are drawn
+
+
+def text_tuning() -> Tuning:
+    """Phase 2 (read at call time: the CLI's --text-steps sets TEXT_STEPS)."""
+    return Tuning("sd3 text", TEXT_STEPS, TUNE_LR, TEXT_LR, SEED + 1, "sd3_text.safetensors")
+
+
+def composite_tuning(steps: int = COMPOSE_STEPS) -> Tuning:
+    """Phase 3: phase 2 again, with pairs, relations and counts drawn COMPOSITE_WEIGHT× as often."""
+    return Tuning(
+        "sd3 compose",
+        steps,
+        COMPOSE_LR,
+        COMPOSE_TEXT_LR,
+        SEED + 2,
+        "sd3_compose.safetensors",
+        COMPOSITE_WEIGHT,
+    )
+
+
+def build_tuning_optimizer(
+    transformer, towers, position_head, phase: Tuning | None = None
+) -> torch.optim.Optimizer:
+    """A tuning phase's: the transformer and the head at phase.lr, the towers at phase.text_lr."""
+    phase = phase or text_tuning()
     return torch.optim.AdamW(
         [
-            {"params": [*transformer.parameters(), *position_head.parameters()], "lr": TUNE_LR},
-            {"params": [p for tower in towers for p in tower.parameters()], "lr": TEXT_LR},
+            {"params": [*transformer.parameters(), *position_head.parameters()], "lr": phase.lr},
+            {"params": [p for tower in towers for p in tower.parameters()], "lr": phase.text_lr},
         ],
         weight_decay=0.01,
     )
@@ -193,7 +239,7 @@ def clip_context(towers, ids) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def text_tuning_loss(transformer, towers, position_head, z0, ids, noise, t, positions) -> torch.Tensor:
-    """Phase 2's loss: the rectified-flow loss through the trainable towers, plus
+    """The tuning phases' loss: the rectified-flow loss through the trainable towers, plus
     POSITION_HEAD_WEIGHT × the position head's cross-entropy on the mean CLIP token state."""
     from .sd import POSITION_HEAD_WEIGHT
 
@@ -224,17 +270,28 @@ def loss_on_batch(transformer, z0, clip_context, pooled, noise, t) -> torch.Tens
 # --------------------------------------------------------------------------- data
 
 
-def draw_batch(g: torch.Generator, data: dict, latent_factors: tuple[float, float]):
-    """One step's draws from `g`, in a fixed order: BATCH render indices, their latents z_0
-    (sampled from the stored posteriors, SD3-normalised), which captions are dropped, the
-    noise ε and the logit-normal times t."""
+def draw_batch(g: torch.Generator, data: dict, latent_factors: tuple[float, float], weights=None):
+    """One step's draws from `g`, in a fixed order: BATCH render indices (uniform, or in
+    proportion to `weights`, one per render), their latents z_0 (sampled from the stored
+    posteriors, SD3-normalised), which captions are dropped, the noise ε and the
+    logit-normal times t."""
     shift, scale = latent_factors
-    index = torch.randint(0, len(data["captions"]), (BATCH,), generator=g)
+    if weights is None:
+        index = torch.randint(0, len(data["captions"]), (BATCH,), generator=g)
+    else:
+        index = torch.multinomial(weights, BATCH, replacement=True, generator=g)
     z0 = (data["mean"][index] + data["std"][index] * torch.randn(BATCH, 4, 8, 8, generator=g) - shift) * scale
     dropped = torch.rand(BATCH, generator=g) < CAPTION_DROPOUT
     noise = torch.randn(z0.shape, generator=g)
     t = torch.sigmoid(torch.randn(BATCH, generator=g) * LOGIT_STD + LOGIT_MEAN)
     return index, z0, dropped, noise, t
+
+
+def composite_weights(captions: list[str], weight: float) -> torch.Tensor:
+    """Each render's drawing weight: `weight` for a caption of two or more objects, else 1."""
+    from ..captions import parse_caption
+
+    return torch.tensor([weight if len(parse_caption(c).objects) > 1 else 1.0 for c in captions])
 
 
 @torch.no_grad()
@@ -362,7 +419,8 @@ def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None
     save_checkpoint(ckpt, modules, opt, steps, ema)
     clock.write_text(json.dumps({"seconds": spent + time.time() - started}))
     ema.copy_to(transformer)
-    tune_text(work, transformer, towers, tokenizer, data, (shift, scale), device, clock)
+    tune(work, text_tuning(), transformer, towers, tokenizer, data, (shift, scale), device, clock)
+    tune(work, composite_tuning(), transformer, towers, tokenizer, data, (shift, scale), device, clock)
     seconds = json.loads(clock.read_text())["seconds"]
     restore_attention(transformer)
     transformer.eval()
@@ -372,16 +430,30 @@ def train(work: Path, out: Path, steps: int = STEPS, budget: float | None = None
         "objective": "rectified flow, v = ε - z_0, logit-normal(0, 1) timesteps, EMA 0.999",
         "text": "two copies of the toy CLIP text tower (penultimate layer, pooled projection), no T5: "
         f"frozen for those steps, then {TEXT_STEPS} steps × batch {BATCH} tuned beside the transformer "
-        f"with toy-sd's position head (AdamW {TUNE_LR:g}, towers {TEXT_LR:g}, EMA {TUNE_EMA})",
+        f"with toy-sd's position head (AdamW {TUNE_LR:g}, towers {TEXT_LR:g}, EMA {TUNE_EMA}), then "
+        f"{COMPOSE_STEPS} steps more with captions of 2+ objects drawn {COMPOSITE_WEIGHT:g}× as often "
+        f"(AdamW {COMPOSE_LR:g}, towers {COMPOSE_TEXT_LR:g}, a fresh head)",
         "latents": f"toy-vae, shift_factor {shift}, scaling_factor {scale}",
         "scheduler": f"FlowMatchEulerDiscreteScheduler(shift={SHIFT})",
     }
     export(out, pipe, facts, seconds)
 
 
-def tune_text(work: Path, transformer, towers, tokenizer, data, latent_factors, device, clock: Path) -> None:
-    """Phase 2: TEXT_STEPS steps training both towers beside the transformer, with the
-    position head; resumable from `work`/sd3_text.safetensors. Adds its seconds to `clock`."""
+def tune(
+    work: Path,
+    phase: Tuning,
+    transformer,
+    towers,
+    tokenizer,
+    data,
+    latent_factors,
+    device,
+    clock: Path,
+    budget: float | None = None,
+) -> None:
+    """A tuning phase: phase.steps steps (or as many as fit in `budget` seconds) training both
+    towers beside the transformer with a fresh position head; resumable from
+    `work`/phase.checkpoint. Adds its seconds to `clock`."""
     from .sd import build_position_head, position_class
 
     started = time.time()
@@ -391,11 +463,12 @@ def tune_text(work: Path, transformer, towers, tokenizer, data, latent_factors, 
     )
     ids_all = tokenizer(captions, **encode).input_ids
     positions_all = torch.tensor([position_class(c) for c in captions])
+    weights = composite_weights(captions, phase.composite_weight) if phase.composite_weight != 1 else None
     empty_ids = tokenizer([""], **encode).input_ids[0]
     head = build_position_head(sum(t.config.hidden_size for t in towers)).to(device)
     for tower in towers:
         tower.requires_grad_(True).train()
-    opt = build_tuning_optimizer(transformer, towers, head)
+    opt = build_tuning_optimizer(transformer, towers, head, phase)
     modules = {
         "transformer": transformer,
         "text_encoder": towers[0],
@@ -403,17 +476,19 @@ def tune_text(work: Path, transformer, towers, tokenizer, data, latent_factors, 
         "head": head,
     }
     ema = EMA(torch.nn.ModuleDict(modules), decay=TUNE_EMA)
-    ckpt = work / "sd3_text.safetensors"
+    ckpt = work / phase.checkpoint
     start = load_checkpoint(ckpt, modules, opt, ema) if ckpt.exists() else 0
-    spent = json.loads(clock.read_text())["seconds"]
+    spent = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
     transformer.train()
-    for step in range(start, TEXT_STEPS):
-        g = torch.Generator().manual_seed((SEED + 1) * 1_000_003 + step)
-        index, z0, dropped, noise, t = draw_batch(g, data, latent_factors)
+    plan = StepPlan(phase.steps, budget)
+    tick, ticked = time.time(), 0
+    for step in plan.run(start):
+        g = torch.Generator().manual_seed(phase.seed * 1_000_003 + step)
+        index, z0, dropped, noise, t = draw_batch(g, data, latent_factors, weights)
         ids, positions = ids_all[index].clone(), positions_all[index].clone()
         ids[dropped], positions[dropped] = empty_ids, 0
-        decay = cosine_decay(step, TEXT_STEPS)
-        for group, base in zip(opt.param_groups, (TUNE_LR, TEXT_LR), strict=True):
+        decay = cosine_decay(step, plan.total)
+        for group, base in zip(opt.param_groups, (phase.lr, phase.text_lr), strict=True):
             group["lr"] = warmup_lr(step, base, TUNE_WARMUP) * decay
         batch = (z0, ids, noise, t, positions)
         loss = text_tuning_loss(transformer, towers, head, *(x.to(device) for x in batch))
@@ -422,16 +497,62 @@ def tune_text(work: Path, transformer, towers, tokenizer, data, latent_factors, 
         torch.nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], 1.0)
         opt.step()
         ema.update(torch.nn.ModuleDict(modules))
-        if step % 50 == 0 or step == TEXT_STEPS - 1:
-            log("sd3 text", step, TEXT_STEPS, loss=loss.item())
+        ticked += 1
+        if step % 50 == 0 or step == plan.total - 1:
+            log(phase.name, step, plan.total, loss=loss.item(), s_per_step=(time.time() - tick) / ticked)
+            tick, ticked = time.time(), 0
         if (step + 1) % 250 == 0:
             save_checkpoint(ckpt, modules, opt, step + 1, ema)
             clock.write_text(json.dumps({"seconds": spent + time.time() - started}))
-    save_checkpoint(ckpt, modules, opt, TEXT_STEPS, ema)
+    save_checkpoint(ckpt, modules, opt, plan.total, ema)
     clock.write_text(json.dumps({"seconds": spent + time.time() - started}))
     ema.copy_to(torch.nn.ModuleDict(modules))
     for tower in towers:
         tower.requires_grad_(False).eval()
+
+
+def tune_shipped(work: Path, out: Path, steps: int = COMPOSE_STEPS, budget: float | None = None) -> None:
+    """Phase 3 alone, on the toy-sd3 already in `out` (how the shipped weights got theirs):
+    loads its transformer and towers, tunes them and writes those three back in fp16."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .sd import build_latent_dataset
+
+    folder, device = out / "toy-sd3", pick_device()
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).to(device).eval()
+    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", dtype=torch.float32).to(
+        device
+    )
+    towers = [
+        CLIPTextModelWithProjection.from_pretrained(folder / name, dtype=torch.float32).to(device)
+        for name in ("text_encoder", "text_encoder_2")
+    ]
+    data = build_latent_dataset(vae, work / "sd3_latents.safetensors", device, n=DATASET)
+    factors = (vae.config.shift_factor, vae.config.scaling_factor)
+    collapse_padding(transformer)
+    tune(
+        work,
+        composite_tuning(steps),
+        transformer,
+        towers,
+        tokenizer,
+        data,
+        factors,
+        device,
+        work / "sd3_compose_seconds.json",
+        budget,
+    )
+    restore_attention(transformer)
+    transformer.eval()
+    transformer.to(torch.float16).save_pretrained(folder / "transformer", safe_serialization=True)
+    for name, tower in zip(("text_encoder", "text_encoder_2"), towers, strict=True):
+        tower.to(torch.float16).save_pretrained(folder / name, safe_serialization=True)
+    config_file = folder / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("_name_or_path", None)  # the local path it was loaded from
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export(out: Path, pipe, facts: dict, seconds: float | None = None) -> None:
