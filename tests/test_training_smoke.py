@@ -289,8 +289,8 @@ def test_sd3_collapsed_padding_equals_the_pipelines_full_context(tokenizer):
     assert torch.allclose(reference, collapsed, atol=1e-5)
 
 
-def test_sd3_export_loads_and_generates(tokenizer, tmp_path):
-    from diffusers import StableDiffusion3Pipeline
+def export_fresh_sd3(tokenizer, out) -> None:
+    """`sd3.export` of an untrained toy-sd3 (random towers, VAE shift 0.1, scale 0.9) into `out`."""
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
@@ -298,7 +298,13 @@ def test_sd3_export_loads_and_generates(tokenizer, tmp_path):
     autoencoder = vae.build_model()
     autoencoder.register_to_config(shift_factor=0.1, scaling_factor=0.9)
     pipe = sd3.build_pipeline(sd3.build_transformer(), autoencoder, towers[0], towers[1], tokenizer)
-    sd3.export(tmp_path, pipe, {"data": "none"})
+    sd3.export(out, pipe, {"data": "none"})
+
+
+def test_sd3_export_loads_and_generates(tokenizer, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    export_fresh_sd3(tokenizer, tmp_path)
     loaded = StableDiffusion3Pipeline.from_pretrained(
         tmp_path / "toy-sd3", dtype=torch.float32, text_encoder_3=None, tokenizer_3=None
     )
@@ -326,16 +332,10 @@ def test_sd3_tune_shipped_tunes_the_exported_model_in_place_and_it_still_loads(t
     """`python -m studio.toyworld.train sd3 --tune-shipped`: phase 3 alone, on an exported toy-sd3."""
     from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import load_file, save_file
-    from transformers import CLIPTextModelWithProjection
 
-    torch.manual_seed(0)
-    towers = [CLIPTextModelWithProjection(text_config(tokenizer)).eval() for _ in range(2)]
-    autoencoder = vae.build_model()
-    autoencoder.register_to_config(shift_factor=0.1, scaling_factor=0.9)
-    pipe = sd3.build_pipeline(sd3.build_transformer(), autoencoder, towers[0], towers[1], tokenizer)
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir()
-    sd3.export(out, pipe, {"data": "none"})
+    export_fresh_sd3(tokenizer, out)
     captions, _ = common.sample_batch(random.Random(1), 8)
     save_file(
         {"mean": torch.randn(8, 4, 8, 8), "std": torch.ones(8, 4, 8, 8) * 0.1},
