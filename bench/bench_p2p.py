@@ -11,7 +11,8 @@ self-attention share was chosen on the cases of `p2p_eval.EVAL_SEED`; the defaul
 draws other ones), then again with local blending on the object's words at each threshold
 (0.3 is the paper's; 0.5 was chosen on the cases of `p2p_eval.EVAL_SEED`); and the pixel
 share of a colour against its word's reweighting factor (mean and standard error over seeds,
-its rise from the previous factor seed by seed, and the shapes the judge reads), drawn as a PNG.
+its rise from the previous factor seed by seed, and the shapes the judge reads), drawn as a PNG,
+and whether each sweep is non-decreasing (`p2p_eval.is_non_decreasing`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main() -> None:
 
     from studio.charts import line_chart
     from studio.models import ModelManager
-    from studio.toyworld.p2p_eval import reweight_sweep, word_swap
+    from studio.toyworld.p2p_eval import is_non_decreasing, reweight_sweep, word_swap
 
     manager = ModelManager()
     started = time.perf_counter()
@@ -64,6 +65,9 @@ def main() -> None:
         report["reweight"][f"{prompt} | {word}"] = reweight_sweep(
             manager, args.model, prompt, word, FACTORS, seeds=range(args.seeds)
         )
+    report["reweight non-decreasing"] = {
+        key: is_non_decreasing(sweep) for key, sweep in report["reweight"].items()
+    }
     report["seconds"] = round(time.perf_counter() - started, 1)
     line_chart(
         {

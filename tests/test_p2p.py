@@ -109,18 +109,24 @@ def test_reweight_scales_the_words_share_of_the_later_causal_states(tokenizer):
 
 
 @needs_toy_sd
-def test_reweighting_a_colour_word_moves_its_colour_share_with_the_factor(manager):
-    """The pixel share of red follows "red"'s factor up to 1 (the circle is then all red), and
-    a larger factor never takes red away."""
-    from studio.toyworld.p2p_eval import reweight_sweep
+def test_reweighting_a_colour_word_raises_its_colour_share_monotonically(manager):
+    """The pixel share of red rises with "red"'s factor up to 1 (the circle is then all red)
+    and never falls after it: no step from one factor to the next lowers it by more than
+    two standard errors of its seed-by-seed rise."""
+    from studio.toyworld.p2p_eval import is_non_decreasing, reweight_sweep
 
     sweep = reweight_sweep(
-        manager, "toy-sd", "a red circle on a white background", "red", (0.0, 0.5, 1.0, 4.0), seeds=range(4)
+        manager,
+        "toy-sd",
+        "a red circle on a white background",
+        "red",
+        (0.0, 0.5, 1.0, 2.0, 4.0),
+        seeds=range(4),
     )
     shares = {factor: row["share"] for factor, row in sweep.items()}
     assert shares[0.0] < 0.01 < shares[0.5] <= shares[1.0] + 0.01, sweep
     assert shares[1.0] > 0.05, sweep
-    assert shares[4.0] >= shares[1.0], sweep
+    assert is_non_decreasing(sweep), sweep
 
 
 # --------------------------------------------------------------------------- refusals

@@ -177,6 +177,14 @@ def reweight_sweep(
     return sweep
 
 
+def is_non_decreasing(sweep: dict[float, dict[str, float]], errors: float = 2.0, pixels: int = 4) -> bool:
+    """Whether no step of a `reweight_sweep` lowers the share by more than `errors` standard
+    errors of its seed-by-seed rise, or by more than `pixels` of a 64 × 64 image where that
+    error is smaller (a plateau, where the colour already fills its shape, passes)."""
+    floor = pixels / (64 * 64)
+    return all(row["rise"] >= -max(errors * row["rise_se"], floor) for row in sweep.values() if "rise" in row)
+
+
 def _rounded_error(values: np.ndarray) -> float:
     """`metrics.standard_error` to 4 places; 0 for a single seed."""
     from ..metrics import standard_error
