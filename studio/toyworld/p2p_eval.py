@@ -22,7 +22,7 @@ import numpy as np
 
 from .captions import CaptionSpec, ObjectSpec, format_caption
 from .judge import read
-from .world import BACKGROUNDS, COLORS, POSITIONS, SHAPES
+from .world import BACKGROUNDS, CANVAS, COLORS, POSITIONS, SHAPES
 
 EVAL_SEED = 4242
 CENTRE_MOVE = 4.0
@@ -179,9 +179,9 @@ def reweight_sweep(
 
 def is_non_decreasing(sweep: dict[float, dict[str, float]], errors: float = 2.0, pixels: int = 4) -> bool:
     """Whether no step of a `reweight_sweep` lowers the share by more than `errors` standard
-    errors of its seed-by-seed rise, or by more than `pixels` of a 64 × 64 image where that
+    errors of its seed-by-seed rise, or by more than `pixels` of the toy canvas where that
     error is smaller (a plateau, where the colour already fills its shape, passes)."""
-    floor = pixels / (64 * 64)
+    floor = pixels / (CANVAS * CANVAS)
     return all(row["rise"] >= -max(errors * row["rise_se"], floor) for row in sweep.values() if "rise" in row)
 
 
